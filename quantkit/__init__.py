@@ -1,0 +1,28 @@
+"""quantkit: post-training quantization for Hugging Face Mixture-of-Experts language models.
+
+Importing the package is cheap and side-effect free; heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from quantkit.api import inspect, quantize
+    from quantkit.formats.load import load_quantized
+
+__all__ = ["__version__", "inspect", "load_quantized", "quantize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("quantize", "inspect"):
+        from quantkit import api
+
+        return getattr(api, name)
+    if name == "load_quantized":
+        from quantkit.formats.load import load_quantized
+
+        return load_quantized
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

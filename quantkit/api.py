@@ -1,0 +1,215 @@
+"""The Python API the CLI calls: :func:`inspect` and :func:`quantize`."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from quantkit.errors import QuantkitError
+from quantkit.formats import compressed_tensors
+from quantkit.formats.sharded import ShardedWriter, atomic_directory
+from quantkit.model.archs.base import LINEAR_ROLES
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.plan import QuantPlan, TensorPlan, make_plan
+from quantkit.recipe import Recipe
+from quantkit.report.report import QuantReport, TensorRecord
+from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
+from quantkit.schemes.base import estimate_bits_per_weight
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+T = TypeVar("T")
+
+
+def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
+    """Architecture, parameters by role, expert coverage and what ``recipe`` would do."""
+    checkpoint = Checkpoint.open(model)
+    if "quantization_config" in checkpoint.config:
+        raise QuantkitError(f"{checkpoint.path} is already quantized; inspect its float original instead")
+    plan = make_plan(checkpoint, recipe)
+    params: dict[str, int] = defaultdict(int)
+    actions: dict[str, dict[str, Any]] = {}
+    for t in plan.tensors:
+        numel = _numel(t.shape)
+        params[t.role.value] += numel
+        key = f"{t.role.value} / {t.scheme.describe() if t.scheme else 'float (unchanged)'}"
+        row = actions.setdefault(key, {"tensors": 0, "params": 0, "bits": 0.0})
+        row["tensors"] += 1
+        row["params"] += numel
+        row["bits"] += numel * _planned_bits(t)
+    total_params = sum(params.values())
+    total_bits = sum(r["bits"] for r in actions.values())
+    for row in actions.values():
+        row["bits_per_weight"] = row.pop("bits") / row["params"] if row["params"] else 0.0
+    return {
+        "model": str(checkpoint.path),
+        "architecture": plan.arch.summary(checkpoint.config),
+        "params": {"total": total_params, **dict(sorted(params.items()))},
+        "experts": expert_coverage(plan),
+        "recipe": recipe.to_dict(),
+        "plan": actions,
+        "estimated_size_mb": total_bits / 8 / 2**20,
+        "original_size_mb": checkpoint.total_bytes() / 2**20,
+        "unexpected_tensors": plan.unexpected,
+    }
+
+
+def expert_coverage(plan: QuantPlan) -> dict[str, Any]:
+    """Routed experts found per MoE layer vs. the config's count (every expert must be present)."""
+    expected = plan.arch.num_experts(plan.checkpoint.config)
+    if not expected or plan.arch.experts is None:
+        return {}
+    pattern = plan.arch.experts.per_expert_pattern
+    found: dict[str, set[int]] = defaultdict(set)
+    for t in plan.tensors:
+        match = pattern.match(t.name)
+        if match:
+            found[match["layer"]].add(int(match["expert"]))
+    return {
+        "expected_per_layer": expected,
+        "layers_with_experts": len(found),
+        "complete": all(len(v) == expected for v in found.values())
+        and len(found) == len(plan.arch.moe_layers(plan.checkpoint.config)),
+    }
+
+
+def quantize(
+    model: str | Path | None,
+    recipe: Recipe,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    seed: int = 0,
+    command: list[str] | None = None,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> QuantReport:
+    """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    checkpoint = Checkpoint.open(model)
+    if "quantization_config" in checkpoint.config:
+        raise QuantkitError(f"{checkpoint.path} is already quantized; quantize its float original instead")
+    plan = make_plan(checkpoint, recipe)
+    report = QuantReport(
+        model=str(checkpoint.path),
+        model_type=checkpoint.model_type,
+        recipe=recipe.to_dict(),
+        command=command or [],
+        seed=seed,
+        output=str(out),
+    )
+    if plan.unexpected:
+        report.notes.append(
+            f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"
+        )
+    assignments: dict[str, SchemeConfig] = {}
+    float_modules: list[str] = []
+    with atomic_directory(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for source in _progress(plan.sources, "quantizing", show_progress, console):
+            tensor = checkpoint.get(source.source)
+            views = plan.arch.per_expert_view(source.source, tensor)
+            for item in source.outputs:
+                weight = views[item.name]
+                _check_finite(item.name, weight, checkpoint)
+                record = _write_tensor(item, weight, writer)
+                report.tensors.append(record)
+                if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
+                    assignments[item.module] = item.scheme
+                elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
+                    float_modules.append(item.module)
+            del tensor, views
+        writer.finish()
+        config = dict(checkpoint.config)
+        if assignments:
+            config["quantization_config"] = compressed_tensors.quantization_config(assignments, float_modules)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for file in checkpoint.other_files():
+            shutil.copy2(file, tmp / file.name)
+        report.wall_time_s = time.perf_counter() - started
+        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report.write(tmp)
+    return report
+
+
+def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter) -> TensorRecord:
+    """Quantize (or copy) one weight into ``writer`` and describe what was done."""
+    bytes_before = weight.numel() * weight.element_size()
+    scheme = item.scheme
+    if scheme is None:
+        writer.add(item.name, weight)
+        return TensorRecord(item.name, item.role.value, "float", None, None, None, list(item.shape),
+                            str(weight.dtype).removeprefix("torch."), weight.element_size() * 8.0,
+                            bytes_before, bytes_before, None)
+    quantized = SCHEMES.get(scheme.method).quantize(weight, scheme)
+    if isinstance(quantized, IntQuantized):
+        tensors = compressed_tensors.encode(item.module, quantized)
+    else:
+        tensors = {item.name: quantized.tensor}
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    bytes_after = sum(t.numel() * t.element_size() for t in tensors.values())
+    return TensorRecord(
+        name=item.name,
+        role=item.role.value,
+        scheme=scheme.describe(),
+        bits=scheme.bits if isinstance(quantized, IntQuantized) else None,
+        group_size=scheme.group_size,
+        granularity=scheme.granularity if isinstance(quantized, IntQuantized) else None,
+        shape=list(item.shape),
+        dtype=str(weight.dtype).removeprefix("torch."),
+        bits_per_weight=quantized.bits_per_weight,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        rel_error=relative_error(weight, quantized.dequantize()),
+    )
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||W - Q|| / ||W||`` in float64 (0 for an all-zero weight reproduced exactly)."""
+    w = weight.to(torch.float64)
+    norm = torch.linalg.vector_norm(w)
+    diff = torch.linalg.vector_norm(w - approx.to(torch.float64))
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def _check_finite(name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> None:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        file = checkpoint.tensors[name].file.name if name in checkpoint.tensors else "checkpoint"
+        raise QuantkitError(f"{name} in {file} contains NaN or Inf values")
+
+
+def _planned_bits(t: TensorPlan) -> float:
+    dtype_bits = float(t.dtype.itemsize * 8)
+    if t.scheme is None:
+        return dtype_bits
+    return estimate_bits_per_weight(t.scheme, t.shape, scale_bits=int(dtype_bits))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _progress(items: list[T], label: str, enabled: bool, console: Console | None) -> Iterator[T]:
+    if not enabled:
+        yield from items
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+        yield from progress.track(items, total=len(items))
+

@@ -1,0 +1,1 @@
+"""On-disk formats: packing, compressed-tensors, sharded safetensors output, and the loader."""

@@ -1,0 +1,142 @@
+"""The compressed-tensors ``pack-quantized`` format (vLLM's native format; transformers loads it).
+
+Per quantized linear ``M`` (module name, e.g. ``model.layers.0.self_attn.q_proj``):
+
+    M.weight_packed      int32 [out, ceil(in * b / 32)]     codes, see packing.py
+    M.weight_scale       float [out, in / g] | [out, 1] | [1]
+    M.weight_zero_point  int32 [ceil(out * b / 32), in / g]  asymmetric only (packed along dim 0)
+    M.weight_shape       int64 [2]                           (out, in)
+
+``config.json`` gains ``quantization_config`` with one config group per distinct scheme;
+each group's ``targets`` are anchored ``re:`` patterns that match exactly its modules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.packing import pack_int32, unpack_int32
+from quantkit.schemes.base import IntQuantized, SchemeConfig, dequantize_codes
+
+FORMAT = "pack-quantized"
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear."""
+    bits = quantized.config.bits
+    out = {
+        f"{module}.weight_packed": pack_int32(quantized.codes, bits),
+        f"{module}.weight_scale": quantized.scale.contiguous(),
+        f"{module}.weight_shape": torch.tensor(quantized.shape, dtype=torch.int64),
+    }
+    if quantized.zero_point is not None:
+        zero_point = quantized.zero_point
+        out[f"{module}.weight_zero_point"] = (
+            zero_point.contiguous() if zero_point.ndim == 1 else pack_int32(zero_point, bits, dim=0)
+        )
+    return out
+
+
+def decode(tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
+    """The dequantized weight from one module's tensors (keys without the module prefix)."""
+    bits = int(args["num_bits"])
+    shape_tensor = tensors["weight_shape"]
+    shape = (int(shape_tensor[0]), int(shape_tensor[1]))
+    codes = unpack_int32(tensors["weight_packed"], bits, shape)
+    scale = tensors["weight_scale"]
+    zero_point = tensors.get("weight_zero_point")
+    if zero_point is not None and zero_point.dtype == torch.int32 and scale.ndim == 2:
+        zero_point = unpack_int32(zero_point, bits, (shape[0], scale.shape[1]), dim=0)
+    group_size = args.get("group_size")
+    return dequantize_codes(codes, scale, zero_point, int(group_size) if group_size else None)
+
+
+def weight_args(config: SchemeConfig) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` for one scheme."""
+    return {
+        "num_bits": config.bits,
+        "type": "int",
+        "symmetric": config.method == "absmax",
+        "group_size": config.group_size if config.granularity == "group" else None,
+        "strategy": config.granularity,
+        "dynamic": False,
+        "observer": "minmax",
+    }
+
+
+def quantization_config(assignments: dict[str, SchemeConfig], float_modules: list[str]) -> dict[str, Any]:
+    """``quantization_config`` for ``config.json``: module name -> scheme, plus modules left float."""
+    by_args: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for module, config in assignments.items():
+        by_args[tuple(sorted(weight_args(config).items()))].append(module)
+    all_names = list(assignments) + list(float_modules)
+    groups = {}
+    for i, (args, modules) in enumerate(sorted(by_args.items(), key=lambda kv: kv[1][0])):
+        groups[f"group_{i}"] = {
+            "targets": compact_targets(modules, all_names),
+            "weights": dict(args),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": compact_targets(float_modules, all_names) if float_modules else [],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def compact_targets(selected: list[str], universe: list[str]) -> list[str]:
+    """Anchored ``re:`` patterns matching exactly ``selected`` among ``universe``.
+
+    Numeric path components become ``\\d+`` where every name of that shape is selected
+    (e.g. all experts of all layers); otherwise the exact name is kept.
+    """
+    def shape(name: str) -> str:
+        return re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
+
+    chosen = set(selected)
+    by_shape: dict[str, list[str]] = defaultdict(list)
+    for name in universe:
+        by_shape[shape(name)].append(name)
+    targets: list[str] = []
+    for name in sorted(chosen):
+        pattern_shape = shape(name)
+        if all(n in chosen for n in by_shape[pattern_shape]):
+            target = "re:^" + re.escape(pattern_shape).replace("\\#", "#").replace("#", r"\d+") + "$"
+        else:
+            target = "re:^" + re.escape(name) + "$"
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
+def module_args(quant_config: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
+    """(targets, weight args) for each config group of a ``quantization_config``."""
+    if quant_config.get("format") != FORMAT and not any(
+        g.get("format") == FORMAT for g in quant_config.get("config_groups", {}).values()
+    ):
+        raise QuantkitError(f"unsupported compressed-tensors format {quant_config.get('format')!r}")
+    groups = quant_config.get("config_groups") or {}
+    return [(list(g.get("targets", [])), dict(g["weights"])) for g in groups.values() if g.get("weights")]
+
+
+def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
+    """The weight args of the config group whose targets match ``module``."""
+    for targets, args in groups:
+        if any(t.startswith("re:") and re.match(t[3:], module) for t in targets):
+            return args
+    for targets, args in groups:  # class-name targets such as "Linear" match any linear
+        if any(not t.startswith("re:") for t in targets):
+            return args
+    raise QuantkitError(f"no quantization_config group targets {module}")

@@ -1,0 +1,71 @@
+"""quantkit's loader: a float transformers model with dequantized weights, for evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats import compressed_tensors
+from quantkit.model.archs import get_arch
+from quantkit.model.checkpoint import Checkpoint
+
+
+def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """On-disk names -> float tensors, with every quantized module's weight dequantized."""
+    quant_config = checkpoint.config.get("quantization_config")
+    groups = compressed_tensors.module_args(quant_config) if quant_config else []
+    modules = {n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")}
+    state: dict[str, torch.Tensor] = {}
+    for name in checkpoint.tensors:
+        module, _, suffix = name.rpartition(".")
+        if module in modules and suffix in compressed_tensors.SUFFIXES:
+            continue
+        state[name] = checkpoint.get(name)
+    for module in sorted(modules):
+        parts = {s: checkpoint.get(f"{module}.{s}") for s in compressed_tensors.SUFFIXES
+                 if f"{module}.{s}" in checkpoint}
+        state[f"{module}.weight"] = compressed_tensors.decode(parts, compressed_tensors.args_for(module, groups))
+    return state
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
+    """Load a quantkit output (or any float checkpoint) as a float ``transformers`` model.
+
+    Weights are dequantized exactly as compressed-tensors does, then cast to ``dtype``
+    (default: the checkpoint's ``dtype``/``torch_dtype``).
+    """
+    import transformers
+
+    checkpoint = Checkpoint.open(path)
+    arch = get_arch(checkpoint.model_type)
+    config_dict = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
+    config = transformers.AutoConfig.for_model(**config_dict)
+    if dtype is None:
+        dtype = _config_dtype(config_dict)
+    state = arch.to_memory_state(dequantized_state(checkpoint))
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    if missing:
+        raise QuantkitError(f"{checkpoint.path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}")
+    if result.unexpected_keys:
+        raise QuantkitError(f"{checkpoint.path} has weight(s) the model does not know, e.g. {result.unexpected_keys[0]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval()
+
+
+def _config_dtype(config: dict[str, Any]) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _is_tied(model: Any, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))

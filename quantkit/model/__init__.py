@@ -1,0 +1,1 @@
+"""Checkpoints on disk and the architectures that say where things live in them."""

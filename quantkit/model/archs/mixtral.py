@@ -1,0 +1,17 @@
+"""Mixtral (transformers ``mixtral``): on disk ``block_sparse_moe.experts.E.w1/w2/w3``
+(w1 = gate, w3 = up, w2 = down); transformers 5 renames the block to ``mlp`` in memory."""
+
+from quantkit.model.archs import register_arch
+from quantkit.model.archs.base import ArchSpec, ExpertLayout
+
+SPEC = register_arch(
+    ArchSpec(
+        model_type="mixtral",
+        description="Mixtral: sparse MoE, 8-ish large experts, top-2",
+        experts=ExpertLayout(disk_block="block_sparse_moe", gate="w1", up="w3", down="w2", memory_block="mlp"),
+        router_patterns=(r"\.(block_sparse_moe|mlp)\.gate\.weight$",),
+        num_experts_key="num_local_experts",
+        extra_config_keys=("intermediate_size",),
+        disk_renames=((".block_sparse_moe.gate.", ".mlp.gate."),),
+    )
+)

@@ -1,0 +1,15 @@
+"""OLMoE (transformers ``olmoe``): 64 small routed experts, top-8, QK-norm attention."""
+
+from quantkit.model.archs import register_arch
+from quantkit.model.archs.base import ArchSpec, ExpertLayout
+
+SPEC = register_arch(
+    ArchSpec(
+        model_type="olmoe",
+        description="OLMoE: fine-grained routed experts",
+        experts=ExpertLayout(),
+        router_patterns=(r"\.mlp\.gate\.weight$",),
+        num_experts_key="num_experts",
+        extra_config_keys=("intermediate_size", "norm_topk_prob"),
+    )
+)

@@ -1,0 +1,1 @@
+"""Reports: what was done to every tensor, with sizes, errors, timings and versions."""

@@ -1,0 +1,194 @@
+"""The scheme interface: pure functions from a float weight to its quantized form and back.
+
+A scheme never touches files. It turns a 2-D weight ``[out, in]`` into an
+:class:`IntQuantized` (integer codes plus scales and zero points on a grid of
+``tensor``/``channel``/``group`` granularity) or a :class:`CastTensor` (a float cast).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.registry import Registry
+
+Granularity = Literal["tensor", "channel", "group"]
+RangeMode = Literal["restricted", "full"]
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class SchemeConfig:
+    """What to do with one weight: method name plus its integer-grid parameters."""
+
+    method: str
+    bits: int = 8
+    granularity: Granularity = "channel"
+    group_size: int | None = None
+    range: RangeMode = "restricted"
+
+    def describe(self) -> str:
+        scheme = SCHEMES.get(self.method)
+        if not scheme.integer:
+            return self.method
+        grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        rng = f", {self.range}" if self.method == "absmax" else ""
+        return f"{self.method} int{self.bits} {grid}{rng}"
+
+    def with_updates(self, **changes: object) -> SchemeConfig:
+        """A copy with ``changes``; a group size implies group granularity."""
+        updated = replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+        if changes.get("group_size") is not None and "granularity" not in changes:
+            updated = replace(updated, granularity="group")
+        if updated.granularity != "group":
+            updated = replace(updated, group_size=None)
+        return updated
+
+    def validate(self) -> None:
+        """One-line errors for impossible settings (independent of any tensor)."""
+        scheme = SCHEMES.get(self.method)
+        if not scheme.integer:
+            return
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise QuantkitError(f"bits must be between {MIN_BITS} and {MAX_BITS} for {self.method}, got {self.bits}")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise QuantkitError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        if self.granularity == "group" and (self.group_size is None or self.group_size <= 0):
+            raise QuantkitError(f"group granularity needs a positive group size, got {self.group_size}")
+        if self.range not in ("restricted", "full"):
+            raise QuantkitError(f"range must be restricted or full, got {self.range!r}")
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """One-line error when ``name`` of ``shape`` cannot take this scheme."""
+        if not SCHEMES.get(self.method).integer:
+            return
+        if len(shape) != 2:
+            raise QuantkitError(f"{name}: {self.method} quantizes 2-D weights, got shape {list(shape)}")
+        if self.granularity == "group" and self.group_size and shape[1] % self.group_size:
+            raise QuantkitError(
+                f"{name}: group size {self.group_size} does not divide its row length {shape[1]}"
+            )
+
+
+@dataclass
+class IntQuantized:
+    """Signed integer codes with scales (and zero points): ``w ≈ (codes - zero_point) * scale``.
+
+    ``codes`` int8 ``[out, in]``; ``scale`` and ``zero_point`` ``[out, n_groups]`` for
+    channel (n_groups = 1) and group granularity, ``[1]`` for tensor granularity.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    config: SchemeConfig
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight, computed exactly as compressed-tensors does (in the scale's dtype)."""
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.config.group_size)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight, scales and zero points included."""
+        numel = self.codes.numel()
+        overhead = self.scale.numel() * self.scale.element_size() * 8
+        if self.zero_point is not None:
+            overhead += self.zero_point.numel() * self.config.bits
+        return self.config.bits + overhead / numel
+
+
+@dataclass
+class CastTensor:
+    """A weight kept in float, cast to another dtype (the fp16/bf16 schemes)."""
+
+    tensor: torch.Tensor
+    config: SchemeConfig
+
+    def dequantize(self) -> torch.Tensor:
+        return self.tensor
+
+    @property
+    def bits_per_weight(self) -> float:
+        return float(self.tensor.element_size() * 8)
+
+
+Quantized = IntQuantized | CastTensor
+
+
+class Scheme(ABC):
+    """A registered quantization method."""
+
+    integer: bool = True
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> Quantized:
+        """Quantize a 2-D float weight ``[out, in]``."""
+
+
+SCHEMES: Registry[Scheme] = Registry("method")
+
+
+def group_view(weight: torch.Tensor, config: SchemeConfig) -> torch.Tensor:
+    """``weight`` as ``[rows, n_groups, group]`` for the config's granularity, in float32."""
+    out_features, in_features = weight.shape
+    w = weight.to(torch.float32)
+    if config.granularity == "tensor":
+        return w.reshape(1, 1, -1)
+    if config.granularity == "channel":
+        return w.reshape(out_features, 1, in_features)
+    assert config.group_size is not None
+    return w.reshape(out_features, in_features // config.group_size, config.group_size)
+
+
+def storage_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Scales are stored in the weight's own float dtype, as compressed-tensors writers do."""
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def finish_scale(raw_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round the scale to its storage dtype; all-zero groups get scale 1 (their codes are 0)."""
+    scale = raw_scale.to(dtype)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def scale_shape(config: SchemeConfig, weight: torch.Tensor) -> tuple[int, ...]:
+    if config.granularity == "tensor":
+        return (1,)
+    return (weight.shape[0], -1)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int | None
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` broadcast over groups, in ``scale.dtype``."""
+    out_features, in_features = codes.shape
+    if scale.ndim == 1:  # per-tensor
+        values = codes.to(scale.dtype)
+        if zero_point is not None:
+            values = values - zero_point.to(scale.dtype)
+        return values * scale
+    n_groups = scale.shape[1]
+    grouped = codes.reshape(out_features, n_groups, in_features // n_groups).to(scale.dtype)
+    if zero_point is not None:
+        grouped = grouped - zero_point.to(scale.dtype).unsqueeze(-1)
+    return (grouped * scale.unsqueeze(-1)).reshape(out_features, in_features)
+
+
+def estimate_bits_per_weight(config: SchemeConfig, shape: tuple[int, ...], scale_bits: int) -> float:
+    """Storage bits per weight of ``config`` on a weight of ``shape``, without quantizing it."""
+    if not SCHEMES.get(config.method).integer:
+        return 16.0
+    out_features, in_features = shape
+    n_scales = {"tensor": 1, "channel": out_features}.get(
+        config.granularity, out_features * in_features // (config.group_size or in_features)
+    )
+    per_scale = scale_bits + (config.bits if config.method == "zeropoint" else 0)
+    return config.bits + n_scales * per_scale / (out_features * in_features)
