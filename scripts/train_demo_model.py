@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * ratio")
     g.add_argument("--warmup-steps", type=int, default=70)
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--router-lr-scale", type=float, default=0.1,
+                   help="learning-rate multiplier for the router weights (mlp.gate.weight)")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--bias-update-rate", type=float, default=1e-3,
                    help="gamma of the aux-loss-free balancing: bias += gamma * sign(mean_load - load)")
@@ -139,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--threads", type=int, default=1, help="torch (and tokenizers) CPU threads")
-    g.add_argument("--experts-implementation", default="eager",
+    g.add_argument("--experts-implementation", default="grouped_mm",
                    choices=("eager", "grouped_mm", "batched_mm"),
                    help="transformers experts kernel used while training/evaluating (not saved)")
 
@@ -397,13 +399,21 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _name, p in model.named_parameters():
+    """AdamW; weight decay on matrices only; the routers get ``lr * router_lr_scale`` and no decay."""
+    decay, no_decay, router = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if ".mlp.gate." in name:
+            router.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": router, "weight_decay": 0.0, "lr_scale": args.router_lr_scale},
+        ],
         lr=args.lr,
         betas=(0.9, 0.95),
         eps=1e-8,
@@ -460,7 +470,7 @@ def train(model: DeepseekV3ForCausalLM, train_ids: torch.Tensor, heldout_ids: to
         x, y = batch[:, :-1], batch[:, 1:]
         lr = lr_at(step, args)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
 
         logits = model(input_ids=x, use_cache=False).logits
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -55,7 +55,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     if missing:
         raise QuantkitError(f"{checkpoint.path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}")
     if result.unexpected_keys:
-        raise QuantkitError(f"{checkpoint.path} has weight(s) the model does not know, e.g. {result.unexpected_keys[0]}")
+        unknown = result.unexpected_keys[0]
+        raise QuantkitError(f"{checkpoint.path} has weight(s) the model does not know, e.g. {unknown}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(device).eval()

@@ -86,7 +86,7 @@ class ShardedWriter:
             return [SINGLE_FILE]
         names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
-        for i, (final, tensors) in enumerate(zip(names, self._shards)):
+        for i, (final, tensors) in enumerate(zip(names, self._shards, strict=False)):
             os.replace(self._shard_path(i), self.directory / final)
             weight_map.update(dict.fromkeys(tensors, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

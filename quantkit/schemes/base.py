@@ -41,8 +41,9 @@ class SchemeConfig:
 
     def with_updates(self, **changes: object) -> SchemeConfig:
         """A copy with ``changes``; a group size implies group granularity."""
-        updated = replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
-        if changes.get("group_size") is not None and "granularity" not in changes:
+        changes = {k: v for k, v in changes.items() if v is not None}
+        updated = replace(self, **changes)  # type: ignore[arg-type]
+        if "group_size" in changes and "granularity" not in changes:
             updated = replace(updated, granularity="group")
         if updated.granularity != "group":
             updated = replace(updated, group_size=None)

@@ -117,7 +117,7 @@ class ArchSpec:
     experts: ExpertLayout | None = None
     router_patterns: tuple[str, ...] = ()  # regexes (searched) for router/gate tensors
     shared_expert_patterns: tuple[str, ...] = ()
-    num_experts_key: str | None = None
+    num_experts_keys: tuple[str, ...] = ()  # config keys for the routed-expert count, first present wins
     shared_experts_key: str | None = None  # a count, or a size for single-shared-expert families
     dense_layers: str = "none"  # "first_k_dense_replace" | "decoder_sparse_step" | "none"
     extra_config_keys: tuple[str, ...] = field(default=())  # shown by ``inspect``
@@ -183,7 +183,10 @@ class ArchSpec:
         return int(config.get("num_hidden_layers", 0))
 
     def num_experts(self, config: dict[str, Any]) -> int:
-        return int(config.get(self.num_experts_key, 0) or 0) if self.num_experts_key else 0
+        for key in self.num_experts_keys:
+            if config.get(key):
+                return int(config[key])
+        return 0
 
     def moe_layers(self, config: dict[str, Any]) -> list[int]:
         """Indices of decoder layers with routed experts."""

@@ -10,7 +10,7 @@ SPEC = register_arch(
         description="Mixtral: sparse MoE, 8-ish large experts, top-2",
         experts=ExpertLayout(disk_block="block_sparse_moe", gate="w1", up="w3", down="w2", memory_block="mlp"),
         router_patterns=(r"\.(block_sparse_moe|mlp)\.gate\.weight$",),
-        num_experts_key="num_local_experts",
+        num_experts_keys=("num_local_experts", "num_experts"),
         extra_config_keys=("intermediate_size",),
         disk_renames=((".block_sparse_moe.gate.", ".mlp.gate."),),
     )

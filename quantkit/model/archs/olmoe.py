@@ -9,7 +9,7 @@ SPEC = register_arch(
         description="OLMoE: fine-grained routed experts",
         experts=ExpertLayout(),
         router_patterns=(r"\.mlp\.gate\.weight$",),
-        num_experts_key="num_experts",
+        num_experts_keys=("num_experts", "num_local_experts"),
         extra_config_keys=("intermediate_size", "norm_topk_prob"),
     )
 )

@@ -9,7 +9,7 @@ SPEC = register_arch(
         description="Qwen3-MoE: routed experts",
         experts=ExpertLayout(),
         router_patterns=(r"\.mlp\.gate\.weight$",),
-        num_experts_key="num_experts",
+        num_experts_keys=("num_experts", "num_local_experts"),
         dense_layers="decoder_sparse_step",
         extra_config_keys=("moe_intermediate_size", "decoder_sparse_step", "norm_topk_prob"),
     )

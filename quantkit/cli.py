@@ -1,0 +1,231 @@
+"""The ``quantkit`` command line: parses and validates options, calls :mod:`quantkit.api`, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(
+    name="quantkit",
+    help="Post-training quantization for Hugging Face Mixture-of-Experts models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Checkpoint directory or hub id; default: the bundled demo model.", show_default=False),
+]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="absmax | zeropoint | fp16 | bf16.")]
+BitsOpt = Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")]
+GroupOpt = Annotated[int | None, typer.Option("--group-size", "-g", help="Weights per scale along a row.")]
+GranularityOpt = Annotated[
+    str | None, typer.Option("--granularity", help="tensor | channel | group (a group size implies group).")
+]
+RangeOpt = Annotated[
+    str | None, typer.Option("--range", help="absmax grid: restricted [-(2^(b-1)-1), ..] or full [-2^(b-1), ..].")
+]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Named recipe (see `quantkit presets`).")]
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe file (YAML or JSON).")]
+SharedBitsOpt = Annotated[
+    int | None, typer.Option("--shared-experts-bits", help="Bits for shared experts (routed experts keep the default).")
+]
+IgnoreOpt = Annotated[
+    list[str] | None, typer.Option("--ignore", help="Keep tensors matching this pattern in float (repeatable).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def user_errors(command: F) -> F:
+    """Turn expected failures into ``error: <one line>`` and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except QuantkitError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def build_recipe(
+    preset: str | None,
+    recipe_file: Path | None,
+    method: str | None,
+    bits: int | None,
+    group_size: int | None,
+    granularity: str | None,
+    range_mode: str | None,
+    shared_experts_bits: int | None,
+    ignore: list[str] | None,
+):  # -> Recipe (imported lazily to keep --help fast)
+    """The recipe from a file or preset, with command-line overrides applied."""
+    from quantkit.recipe import DEFAULT_PRESET, get_preset, load_recipe
+
+    if preset and recipe_file:
+        raise QuantkitError("pass either --preset or --recipe, not both")
+    recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or DEFAULT_PRESET)
+    if any(v is not None for v in (method, bits, group_size, granularity, range_mode)):
+        recipe = recipe.with_default(
+            method=method, bits=bits, group_size=group_size, granularity=granularity, range=range_mode
+        )
+    if shared_experts_bits is not None:
+        recipe = recipe.with_rule(["role:shared_expert"], bits=shared_experts_bits)
+    if ignore:
+        recipe = recipe.with_ignore(ignore)
+    return recipe
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: ModelArg = None,
+    method: MethodOpt = None,
+    bits: BitsOpt = None,
+    group_size: GroupOpt = None,
+    granularity: GranularityOpt = None,
+    range_mode: RangeOpt = None,
+    preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
+    shared_experts_bits: SharedBitsOpt = None,
+    ignore: IgnoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Architecture, layers, experts (routed/shared), parameters, and what the recipe would do."""
+    from quantkit import api
+
+    chosen = build_recipe(preset, recipe, method, bits, group_size, granularity, range_mode,
+                          shared_experts_bits, ignore)
+    info = api.inspect(model, chosen)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    facts = Table(title=f"{info['model']}", show_header=False)
+    for key, value in info["architecture"].items():
+        facts.add_row(key, str(value))
+    for key, value in info["params"].items():
+        facts.add_row(f"params: {key}", f"{value:,}")
+    if info["experts"]:
+        cov = info["experts"]
+        facts.add_row("experts present", f"{cov['layers_with_experts']} layers x {cov['expected_per_layer']}"
+                      f" ({'complete' if cov['complete'] else 'INCOMPLETE'})")
+    console.print(facts)
+    plan = Table(title=f"recipe {info['recipe']['name']}: what quantize would do")
+    for column in ("role / scheme", "tensors", "params", "bits/weight"):
+        plan.add_column(column, justify="left" if column == "role / scheme" else "right")
+    for key, row in info["plan"].items():
+        plan.add_row(key, str(row["tensors"]), f"{row['params']:,}", f"{row['bits_per_weight']:.3f}")
+    console.print(plan)
+    console.print(f"estimated size {info['estimated_size_mb']:.2f} MiB (from {info['original_size_mb']:.2f} MiB)")
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: ModelArg = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory; default ./<model>-<scheme>.")
+    ] = None,
+    method: MethodOpt = None,
+    bits: BitsOpt = None,
+    group_size: GroupOpt = None,
+    granularity: GranularityOpt = None,
+    range_mode: RangeOpt = None,
+    preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
+    shared_experts_bits: SharedBitsOpt = None,
+    ignore: IgnoreOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard size, e.g. 2GB, 500MB.")] = "2GB",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the report).")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize MODEL into compressed-tensors safetensors plus quantkit_report.json."""
+    from quantkit import api
+    from quantkit.model.checkpoint import resolve_model_path
+
+    chosen = build_recipe(preset, recipe, method, bits, group_size, granularity, range_mode,
+                          shared_experts_bits, ignore)
+    if out is None:
+        out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}")
+    report = api.quantize(
+        model,
+        chosen,
+        out,
+        overwrite=overwrite,
+        max_shard_bytes=parse_size(max_shard_size),
+        seed=seed,
+        command=["quantkit", *sys.argv[1:]],
+        show_progress=not as_json,
+        console=err_console,
+    )
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        report.print_summary(console)
+        console.print(f"wrote {out}")
+
+
+@app.command()
+@user_errors
+def presets(as_json: JsonOpt = False) -> None:
+    """List the named recipes and their rules."""
+    from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
+
+    if as_json:
+        console.print_json(json.dumps({n: r.to_dict() for n, r in PRESETS.items()}))
+        return
+    table = Table(title="presets (use --preset NAME)")
+    for column in ("name", "default", "rules", "ignore", "description"):
+        table.add_column(column)
+    for name, recipe in PRESETS.items():
+        rules = "\n".join(
+            f"{', '.join(r.patterns)} → {recipe.default.with_updates(**r.changes).describe()}" for r in recipe.rules
+        )
+        table.add_row(name, recipe.default.describe(), rules or "—", ", ".join(recipe.ignore),
+                      PRESET_DESCRIPTIONS.get(name, ""))
+    console.print(table)
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> bytes (decimal units KB/MB/GB, binary KiB/MiB/GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise QuantkitError(f"invalid size {text!r}; use e.g. 2GB or 500MB")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    size = int(float(match[1]) * units[(match[2] or "B").lower()])
+    if size <= 0:
+        raise QuantkitError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
