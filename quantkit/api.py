@@ -33,7 +33,7 @@ from quantkit.report.report import QuantReport, TensorRecord
 from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
 from quantkit.schemes.base import estimate_bits_per_weight
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
 T = TypeVar("T")
 
 
@@ -92,7 +92,7 @@ def expert_coverage(plan: QuantPlan) -> dict[str, Any]:
 def quantize(
     model: str | Path | None,
     recipe: Recipe,
-    out: Path,
+    out: str | Path,
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -103,6 +103,7 @@ def quantize(
 ) -> QuantReport:
     """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically."""
     started = time.perf_counter()
+    out = Path(out)
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
     if "quantization_config" in checkpoint.config:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -74,6 +74,12 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
             available[name] = shape
         sources.append(SourcePlan(source, tuple(outputs)))
     unexpected = check_against_config(checkpoint, arch, available)
+    if unexpected:  # e.g. DeepSeek-V3's multi-token-prediction layer: no model class uses it, keep it as is
+        unknown = set(unexpected)
+        sources = [
+            SourcePlan(s.source, tuple(replace(t, scheme=None) if t.name in unknown else t for t in s.outputs))
+            for s in sources
+        ]
     return QuantPlan(checkpoint, arch, recipe, sources, unexpected)
 
 

@@ -173,3 +173,20 @@ def test_report_records_every_tensor(tiny_models: dict[str, Path], tmp_path: Pat
     totals = report["totals"]
     assert totals["bytes_after"] < totals["bytes_before"] and totals["wall_time_s"] > 0
     assert totals["bytes_before"] == sum(t["bytes_before"] for t in report["tensors"])
+
+
+def test_tensors_unknown_to_the_config_are_kept_as_they_are(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """E.g. DeepSeek-V3's multi-token-prediction layer: no transformers class loads it, so leave it alone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_models["deepseek_v3"], model)
+    weights = load_file(str(model / "model.safetensors"))
+    extra = "model.layers.2.mlp.experts.0.up_proj.weight"  # a layer beyond num_hidden_layers
+    weights[extra] = torch.randn(32, 64)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    report = quantize(model, INT4_G16, tmp_path / "out", show_progress=False)
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))[extra], weights[extra])
+    assert any(extra in note for note in report.notes)
