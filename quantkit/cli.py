@@ -186,6 +186,116 @@ def quantize(
         console.print(f"wrote {out}")
 
 
+eval_app = typer.Typer(help="Evaluate models: perplexity, divergence from a base model, regression gate.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("perplexity")
+@user_errors
+def eval_perplexity(
+    model: ModelArg = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Float model to compare with: KL(base||model), top-1 agreement.")
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="wikitext2 | c4 | ptb (hub, online) or a local file/folder.")
+    ] = "wikitext2",
+    text_field: Annotated[str, typer.Option("--text-field", help="Field holding text in jsonl/parquet.")] = "text",
+    split: Annotated[str | None, typer.Option("--split", help="Hub split (default: the protocol's).")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="gptq | llamacpp (see docs/evaluation.md).")] = "gptq",
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", help="Window length; default 2048 (gptq) or 512 (llamacpp).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Sliding windows advancing by this many tokens.")
+    ] = None,
+    max_windows: Annotated[int | None, typer.Option("--max-windows", help="Evaluate only the first N.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
+    save: Annotated[Path | None, typer.Option("--save", help="Write the results JSON here.")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Results JSON to compare with (from --save).")
+    ] = None,
+    max_increase: Annotated[
+        str | None, typer.Option("--max-increase", help="Exit 1 if perplexity rises more than this, e.g. 2%.")
+    ] = None,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Exit 1 if KL(base||model) exceeds this.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity of MODEL (default: the demo model) under a published protocol; exit 1 on regression."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from quantkit.eval.run import EvalSettings, check_regression, run_perplexity
+
+    increase = parse_percent(max_increase) if max_increase is not None else None
+    settings = EvalSettings(dataset=dataset, protocol=protocol, seq_len=seq_len, stride=stride,
+                            max_windows=max_windows, batch_size=batch_size, text_field=text_field, split=split,
+                            dtype=dtype, device=resolve_device(device))
+    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("eval", total=None)
+
+        def on_progress(advance: int = 0, total: int | None = None) -> None:
+            if total is not None:
+                progress.update(task, total=total)
+            progress.advance(task, advance)
+
+        result = run_perplexity(model, settings, base=base, on_progress=on_progress)
+    verdict = check_regression(result, baseline, increase, max_kl)
+    result["gate"] = {"baseline": str(baseline) if baseline else None, "max_increase": increase,
+                      "max_kl": max_kl, "passed": verdict is None}
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        console.print_json(json.dumps(result))
+    else:
+        print_eval(result)
+    if verdict is not None:
+        err_console.print(verdict, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    table = Table(title=f"perplexity: {result['model']}", show_header=False)
+    stride = f", stride {result['stride']}" if result["stride"] else ""
+    table.add_row("protocol", f"{result['protocol']} (seq-len {result['seq_len']}{stride})")
+    table.add_row("dataset", result["dataset"])
+    table.add_row("windows / tokens scored", f"{result['windows']} / {result['tokens_scored']:,}")
+    table.add_row("perplexity", f"{result['ppl']:.4f}")
+    if result["base"]:
+        table.add_row("base perplexity", f"{result['base_ppl']:.4f}")
+        table.add_row("KL(base || model)", f"{result['kl']:.5f}")
+        table.add_row("top-1 agreement", f"{result['top1_agreement']:.4f}")
+    table.add_row("speed", f"{result['tokens_per_s']:.0f} tokens/s")
+    console.print(table)
+
+
+def parse_percent(text: str) -> float:
+    """``"2%"`` or ``"2"`` -> 0.02."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise QuantkitError(f"invalid percentage {text!r}; use e.g. 2%") from None
+    if value < 0:
+        raise QuantkitError(f"--max-increase must not be negative, got {text!r}")
+    return value / 100
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise QuantkitError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda, but no CUDA device is available")
+    return device
+
+
 @app.command()
 @user_errors
 def presets(as_json: JsonOpt = False) -> None:

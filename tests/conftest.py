@@ -87,3 +87,40 @@ def stories_model() -> Path:
     if not (STORIES / "config.json").is_file():
         pytest.skip("../shared/models/stories260K is absent (a user's clone has no ../shared)")
     return STORIES
+
+
+TEST_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine.\n"
+    "Experts are routed by a gate; shared experts see every token.\n"
+    " \n"
+    "Quantization maps floats to integers with a scale and a zero point.\n"
+) * 40
+
+
+def train_tokenizer(path: Path, vocab_size: int = 120) -> None:
+    """A tiny BPE tokenizer (with BOS) saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator([TEST_TEXT], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DeepSeek-V3 model with a tokenizer, for evaluation tests."""
+    path = save_model(build_model("deepseek_v3", seed=3), tmp_path_factory.mktemp("lm") / "deepseek_v3")
+    train_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEST_TEXT)
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity under published protocols, divergence from a base model, regression gate."""

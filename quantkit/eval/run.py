@@ -1,0 +1,172 @@
+"""``quantkit eval perplexity``: load model(s) and text, build windows, evaluate, compare to a baseline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.eval.perplexity import EvalResult, evaluate
+from quantkit.eval.windows import make_windows
+from quantkit.model.checkpoint import resolve_model_path
+from quantkit.text_sources import load_text
+
+EVAL_VERSION = 1
+DEFAULT_SEQ_LEN = {"gptq": 2048, "llamacpp": 512}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    dataset: str = "wikitext2"
+    protocol: str = "gptq"
+    seq_len: int | None = None  # default: 2048 (gptq) or 512 (llamacpp)
+    stride: int | None = None
+    max_windows: int | None = None
+    batch_size: int = 4
+    text_field: str = "text"
+    split: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def window_len(self) -> int:
+        return self.seq_len or DEFAULT_SEQ_LEN[self.protocol]
+
+
+def load_model(path: Path, dtype: torch.dtype, device: str) -> Any:
+    """A float model: quantkit's loader for its architectures (quantized or not), else transformers."""
+    import transformers
+
+    from quantkit.formats.load import load_quantized
+    from quantkit.model.archs import ARCHS
+    from quantkit.model.checkpoint import Checkpoint
+
+    transformers.logging.set_verbosity_error()
+    if Checkpoint(path).model_type in ARCHS:
+        return load_quantized(path, dtype=dtype, device=device)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(*paths: Path) -> Any:
+    """The tokenizer of the first directory that has one."""
+    import transformers
+
+    for path in paths:
+        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return transformers.AutoTokenizer.from_pretrained(path)
+    raise QuantkitError(f"no tokenizer files in {', '.join(map(str, paths))}")
+
+
+def run_perplexity(
+    model: str | Path | None,
+    settings: EvalSettings,
+    base: str | Path | None = None,
+    on_progress: Any = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (and ``base`` on the same windows); returns the results record."""
+    model_path = resolve_model_path(model)
+    base_path = resolve_model_path(base) if base is not None else None
+    dtype = _dtype(settings.dtype)
+    tokenizer = load_tokenizer(model_path, *([base_path] if base_path else []))
+    source = load_text(settings.dataset, settings.text_field, settings.split)
+    ids = torch.tensor(tokenizer(source.text)["input_ids"], dtype=torch.long)
+    windows = make_windows(ids, settings.protocol, settings.window_len, settings.stride, tokenizer.bos_token_id)
+    if settings.max_windows is not None:
+        if settings.max_windows < 1:
+            raise QuantkitError(f"--max-windows must be positive, got {settings.max_windows}")
+        windows = windows[: settings.max_windows]
+    quantized = load_model(model_path, dtype, settings.device)
+    reference = load_model(base_path, dtype, settings.device) if base_path else None
+    if reference is not None and reference.config.vocab_size != quantized.config.vocab_size:
+        raise QuantkitError("MODEL and --base have different vocabularies; they must share a tokenizer")
+    if on_progress is not None:
+        on_progress(total=len(windows))
+    result = evaluate(quantized, windows, base=reference, batch_size=settings.batch_size, device=settings.device,
+                      on_batch=on_progress)
+    return results_record(model_path, base_path, source.name, settings, len(ids), result)
+
+
+def results_record(
+    model: Path, base: Path | None, dataset: str, settings: EvalSettings, text_tokens: int, result: EvalResult
+) -> dict[str, Any]:
+    import transformers
+
+    from quantkit import __version__
+
+    return {
+        "quantkit_eval_version": EVAL_VERSION,
+        "model": str(model),
+        "base": str(base) if base else None,
+        "dataset": dataset,
+        "protocol": "stride" if settings.stride else settings.protocol,
+        "seq_len": settings.window_len,
+        "stride": settings.stride,
+        "text_tokens": text_tokens,
+        "windows": result.windows,
+        "tokens_scored": result.tokens,
+        "ppl": result.model.ppl,
+        "mean_nll": result.model.nll / result.tokens,
+        "base_ppl": result.base.ppl if result.base else None,
+        "kl": result.kl,
+        "top1_agreement": result.top1_agreement,
+        "seconds": result.seconds,
+        "tokens_per_s": result.tokens_per_s,  # scored tokens per second, both models included
+        "dtype": settings.dtype,
+        "versions": {"quantkit": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "platform": platform.platform()},
+    }
+
+
+def check_regression(
+    result: dict[str, Any], baseline_file: Path | None, max_increase: float | None, max_kl: float | None
+) -> str | None:
+    """A one-line explanation when the gate fails, None when it passes (errors for unusable input)."""
+    if max_kl is not None:
+        if result["kl"] is None:
+            raise QuantkitError("--max-kl needs --base (KL is measured against the base model)")
+        if result["kl"] > max_kl:
+            return f"regression: KL {result['kl']:.5f} exceeds --max-kl {max_kl:g}"
+    if baseline_file is None:
+        if max_increase is not None:
+            raise QuantkitError("--max-increase needs --baseline results.json")
+        return None
+    baseline = _read_baseline(baseline_file)
+    for key in ("protocol", "seq_len", "stride", "tokens_scored"):
+        if baseline.get(key) != result[key]:
+            raise QuantkitError(
+                f"baseline {baseline_file} was measured with {key}={baseline.get(key)!r}, this run has "
+                f"{result[key]!r}; compare like with like"
+            )
+    increase = result["ppl"] / baseline["ppl"] - 1
+    if max_increase is not None and increase > max_increase:
+        return (f"regression: perplexity {result['ppl']:.4f} vs baseline {baseline['ppl']:.4f} "
+                f"(+{increase:.2%} > {max_increase:.2%})")
+    return None
+
+
+def _read_baseline(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise QuantkitError(f"baseline file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantkitError(f"invalid JSON in baseline {path}: {exc}") from None
+    if not isinstance(data, dict) or "ppl" not in data:
+        raise QuantkitError(f"{path} is not a `quantkit eval perplexity --save` results file")
+    return data
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise QuantkitError(f"--dtype must be one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
