@@ -1,0 +1,84 @@
+"""Quantization-quality regression on the bundled demo model (CI gate).
+
+Each configuration quantizes the demo model and evaluates the first windows of WikiText-2 test
+(gptq protocol, seq-len 512) against the float model: perplexity, KL and top-1 agreement must stay
+within tolerance of the committed numbers in tests/baselines/demo_model.json. Later methods
+(GPTQ, k-quants) add themselves to CONFIGS.
+
+Regenerate the baselines deliberately, after a change meant to move them:
+    QUANTKIT_UPDATE_BASELINES=1 pytest tests/test_regression.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quantkit.api import quantize
+from quantkit.eval.run import EvalSettings, run_perplexity
+from quantkit.model.checkpoint import DEMO_MODEL_DIR
+from quantkit.recipe import get_preset
+from tests.conftest import SHARED
+
+WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+BASELINES = Path(__file__).parent / "baselines" / "demo_model.json"
+SETTINGS = EvalSettings(dataset=str(WIKI_TEST), protocol="gptq", seq_len=512, max_windows=24, batch_size=4)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "absmax-w8-g128": {"method": "absmax", "bits": 8, "group_size": 128},
+    "absmax-w4-g128": {"method": "absmax", "bits": 4, "group_size": 128},
+    "zeropoint-w8-g128": {"method": "zeropoint", "bits": 8, "group_size": 128},
+    "zeropoint-w4-g128": {"method": "zeropoint", "bits": 4, "group_size": 128},
+}
+PPL_TOLERANCE = 0.01  # relative, either direction: a drop this large means the evaluation changed
+KL_TOLERANCE = 0.10  # relative, plus 1e-4 absolute
+
+pytestmark = [
+    pytest.mark.skipif(not WIKI_TEST.is_file(), reason="../shared/data (WikiText-2) is absent"),
+    pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").is_file(), reason="the demo model is not bundled"),
+]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
+    results = {"float": _numbers(run_perplexity(None, SETTINGS))}
+    for name, config in CONFIGS.items():
+        out = tmp_path_factory.mktemp(name) / "out"
+        quantize(None, get_preset("int8").with_default(**config), out, show_progress=False)
+        results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
+    if os.environ.get("QUANTKIT_UPDATE_BASELINES") == "1":
+        BASELINES.write_text(json.dumps({"settings": {"protocol": "gptq", "seq_len": 512, "max_windows": 24,
+                                                      "dataset": "wiki.test.raw"}, "results": results},
+                                        indent=2) + "\n")
+    return results
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    keys = ("ppl", "kl", "top1_agreement", "tokens_scored")
+    return {k: result[k] for k in keys if result.get(k) is not None}
+
+
+def baseline() -> dict[str, dict[str, float]]:
+    if not BASELINES.is_file():
+        pytest.fail(f"{BASELINES} missing: run with QUANTKIT_UPDATE_BASELINES=1 once")
+    return json.loads(BASELINES.read_text())["results"]
+
+
+@pytest.mark.parametrize("name", ["float", *CONFIGS])
+def test_quality_matches_the_committed_baseline(name: str, measured: dict[str, dict[str, float]]) -> None:
+    now, then = measured[name], baseline()[name]
+    assert now["tokens_scored"] == then["tokens_scored"]
+    assert abs(now["ppl"] / then["ppl"] - 1) <= PPL_TOLERANCE, (now, then)
+    if "kl" in then:
+        assert now["kl"] <= then["kl"] * (1 + KL_TOLERANCE) + 1e-4, (now, then)
+        assert now["top1_agreement"] >= then["top1_agreement"] - 0.01, (now, then)
+
+
+def test_more_bits_cost_less_quality(measured: dict[str, dict[str, float]]) -> None:
+    for method in ("absmax", "zeropoint"):
+        w8, w4 = measured[f"{method}-w8-g128"], measured[f"{method}-w4-g128"]
+        assert measured["float"]["ppl"] <= w8["ppl"] * 1.002 and w8["ppl"] < w4["ppl"]
+        assert w8["kl"] < w4["kl"] and w8["top1_agreement"] > w4["top1_agreement"]
