@@ -48,7 +48,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     if dtype is None:
         dtype = _config_dtype(config_dict)
     state = arch.to_memory_state(dequantized_state(checkpoint))
-    with contextlib.redirect_stderr(io.StringIO()):
+    from transformers.initialization import no_init_weights
+
+    with contextlib.redirect_stderr(io.StringIO()), no_init_weights():  # every weight is loaded below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
