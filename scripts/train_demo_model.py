@@ -21,11 +21,13 @@ given seed and thread count.  It
    token share of every MoE layer;
 6. writes ``training_summary.json`` and a model card ``README.md`` next to the weights.
 
-Reproduce the shipped model (from the repository root)::
+Run from the repository root::
 
     python scripts/train_demo_model.py
 
-Everything runs on CPU; ``--threads`` defaults to 1.
+The model card (``README.md`` in ``--out``) and ``training_summary.json`` record the exact
+command line that produced a given checkpoint.  Everything runs on CPU; ``--threads``
+defaults to 1 and the defaults take about 30 minutes on one core.
 """
 
 from __future__ import annotations
@@ -90,21 +92,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("paths")
-    g.add_argument("--data-dir", type=Path, default=Path("../shared/data"),
-                   help="directory holding wikitext-2-raw/ (relative paths are resolved from the repo root)")
-    g.add_argument("--out", type=Path, default=Path("quantkit/demo_model"),
-                   help="output directory (relative paths are resolved from the repo root)")
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("../shared/data"),
+        help="directory holding wikitext-2-raw/ (relative paths are resolved from the repo root)",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("quantkit/demo_model"),
+        help="output directory (relative paths are resolved from the repo root)",
+    )
 
     g = p.add_argument_group("tokenizer")
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--min-frequency", type=int, default=2)
 
     g = p.add_argument_group("model")
-    g.add_argument("--hidden-size", type=int, default=192)
+    g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
-    g.add_argument("--dense-intermediate-size", type=int, default=512,
-                   help="intermediate size of the dense MLP in the first (non-MoE) layer")
+    g.add_argument(
+        "--dense-intermediate-size",
+        type=int,
+        default=512,
+        help="intermediate size of the dense MLP in the first (non-MoE) layer",
+    )
     g.add_argument("--moe-intermediate-size", type=int, default=128)
     g.add_argument("--n-routed-experts", type=int, default=16)
     g.add_argument("--n-shared-experts", type=int, default=1)
@@ -113,37 +127,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--topk-group", type=int, default=2)
     g.add_argument("--first-k-dense", type=int, default=1)
     g.add_argument("--routed-scaling-factor", type=float, default=2.5)
-    g.add_argument("--q-lora-rank", type=int, default=96)
-    g.add_argument("--kv-lora-rank", type=int, default=64)
+    g.add_argument("--q-lora-rank", type=int, default=128)
+    g.add_argument("--kv-lora-rank", type=int, default=128)
     g.add_argument("--qk-nope-head-dim", type=int, default=32)
     g.add_argument("--qk-rope-head-dim", type=int, default=16)
     g.add_argument("--v-head-dim", type=int, default=32)
     g.add_argument("--max-position-embeddings", type=int, default=2048)
 
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=1400)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--steps", type=int, default=800)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * ratio")
-    g.add_argument("--warmup-steps", type=int, default=70)
+    g.add_argument("--warmup-steps", type=int, default=40)
     g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--router-lr-scale", type=float, default=0.1,
-                   help="learning-rate multiplier for the router weights (mlp.gate.weight)")
+    g.add_argument(
+        "--router-lr-scale",
+        type=float,
+        default=0.1,
+        help="learning-rate multiplier for the router weights (mlp.gate.weight)",
+    )
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--bias-update-rate", type=float, default=1e-3,
-                   help="gamma of the aux-loss-free balancing: bias += gamma * sign(mean_load - load)")
-    g.add_argument("--seq-aux-alpha", type=float, default=1e-3,
-                   help="weight of the complementary sequence-wise balance loss (0 disables it)")
-    g.add_argument("--heldout-frac", type=float, default=0.03,
-                   help="fraction at the end of the training token stream held out for validation")
-    g.add_argument("--eval-every", type=int, default=200)
+    g.add_argument(
+        "--bias-update-rate",
+        type=float,
+        default=1e-2,
+        help="gamma of the aux-loss-free balancing, bias += gamma * sign(mean_load - load); "
+        "constant during warmup, then scaled like the learning rate (cosine decay)",
+    )
+    g.add_argument(
+        "--seq-aux-alpha",
+        type=float,
+        default=1e-3,
+        help="weight of the complementary sequence-wise balance loss (0 disables it)",
+    )
+    g.add_argument(
+        "--heldout-frac",
+        type=float,
+        default=0.03,
+        help="fraction at the end of the training token stream held out for validation",
+    )
+    g.add_argument("--eval-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--threads", type=int, default=1, help="torch (and tokenizers) CPU threads")
-    g.add_argument("--experts-implementation", default="grouped_mm",
-                   choices=("eager", "grouped_mm", "batched_mm"),
-                   help="transformers experts kernel used while training/evaluating (not saved)")
+    g.add_argument(
+        "--experts-implementation",
+        default="grouped_mm",
+        choices=("eager", "grouped_mm", "batched_mm"),
+        help="transformers experts kernel used while training/evaluating (not saved)",
+    )
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-seq-len", type=int, default=512)
@@ -272,9 +306,9 @@ def build_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -
     )
 
 
-def moe_gates(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, router module) for every MoE layer."""
-    out = []
+def moe_gates(model: Any) -> list[tuple[int, Any]]:
+    """(layer index, ``DeepseekV3TopkRouter``) for every MoE layer."""
+    out: list[tuple[int, Any]] = []
     for i, layer in enumerate(model.model.layers):
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "e_score_correction_bias"):
@@ -378,9 +412,9 @@ def param_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 def active_params_per_token(cfg: DeepseekV3Config, breakdown: dict[str, int]) -> int:
-    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    n_moe = cfg.num_hidden_layers - int(cfg.first_k_dense_replace or 0)
     per_expert = breakdown["routed_experts"] // max(1, n_moe * cfg.n_routed_experts)
-    inactive = n_moe * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    inactive = n_moe * (cfg.n_routed_experts - int(cfg.num_experts_per_tok or 0)) * per_expert
     return breakdown["total"] - inactive
 
 
@@ -400,7 +434,9 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only; the routers get ``lr * router_lr_scale`` and no decay."""
-    decay, no_decay, router = [], [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    router: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -420,8 +456,14 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     )
 
 
-def window_losses(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int,
-                  tap: RouterTap | None = None, num_experts: int = 0) -> tuple[list[float], dict[int, torch.Tensor]]:
+def window_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    tap: RouterTap | None = None,
+    num_experts: int = 0,
+) -> tuple[list[float], dict[int, torch.Tensor]]:
     """Mean next-token cross-entropy of every non-overlapping ``seq_len`` window (remainder dropped).
 
     Returns the per-window losses and, if ``tap`` is given, the per-expert routed-slot counts
@@ -449,10 +491,11 @@ def shares_from_counts(counts: dict[int, torch.Tensor]) -> dict[str, list[float]
     return {str(i): (c.double() / c.sum()).tolist() for i, c in sorted(counts.items())}
 
 
-def train(model: DeepseekV3ForCausalLM, train_ids: torch.Tensor, heldout_ids: torch.Tensor,
-          args: argparse.Namespace) -> dict[str, Any]:
+def train(
+    model: DeepseekV3ForCausalLM, train_ids: torch.Tensor, heldout_ids: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
     cfg = model.config
-    num_experts, top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    num_experts, top_k = int(cfg.n_routed_experts), int(cfg.num_experts_per_tok or 0)
     opt = make_optimizer(model, args)
     tap = RouterTap.attach(model)
     rng = np.random.default_rng(args.seed)
@@ -486,7 +529,8 @@ def train(model: DeepseekV3ForCausalLM, train_ids: torch.Tensor, heldout_ids: to
 
         counts = tap.counts(num_experts)
         if args.bias_update_rate > 0:
-            update_routing_bias(model, counts, args.bias_update_rate)
+            gamma = args.bias_update_rate * (1.0 if step < args.warmup_steps else lr / args.lr)
+            update_routing_bias(model, counts, gamma)
         for i, c in counts.items():
             cum_counts[i] += c
 
@@ -508,8 +552,9 @@ def train(model: DeepseekV3ForCausalLM, train_ids: torch.Tensor, heldout_ids: to
             ho, _ = window_losses(model, heldout_ids, args.seq_len, 16)
             model.train()
             ho_loss = float(np.mean(ho))
-            history.append({"step": step + 1, "train_ce_ema": ema, "heldout_ce": ho_loss,
-                            "elapsed_s": time.perf_counter() - t0})
+            history.append(
+                {"step": step + 1, "train_ce_ema": ema, "heldout_ce": ho_loss, "elapsed_s": time.perf_counter() - t0}
+            )
             log(f"  eval step {step + 1}: heldout ce {ho_loss:.4f} (ppl {math.exp(ho_loss):.1f})")
     train_time = time.perf_counter() - t0
     tap.remove()
@@ -534,13 +579,17 @@ def save(model: DeepseekV3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: 
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
     biases = {i: gate.e_score_correction_bias.detach().clone() for i, gate in moe_gates(model)}
-    model.to(torch.bfloat16)
+    model_any: Any = model  # transformers' typed ``to`` wrapper confuses mypy
+    model_any.to(torch.bfloat16)
     # Like the official DeepSeek-V3 checkpoints (and transformers' _keep_in_fp32_modules_strict),
     # keep the routing-correction bias in float32: bf16 would round it and flip routing decisions.
     for i, gate in moe_gates(model):
         gate.e_score_correction_bias.data = biases[i]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for path in out.iterdir():  # safetensors may be written 0600; this ships as package data
+        if path.name in OUTPUT_FILES:
+            path.chmod(0o644)
 
 
 def safetensors_inventory(path: Path) -> dict[str, Any]:
@@ -554,7 +603,7 @@ def safetensors_inventory(path: Path) -> dict[str, Any]:
     return {"num_tensors": len(names), "dtypes": dtypes, "names": sorted(names)}
 
 
-def sample_generation(model: torch.nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> str:
+def sample_generation(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -599,26 +648,39 @@ def write_model_card(out: Path, s: dict[str, Any]) -> None:
     w("")
     w("## Architecture")
     w("")
-    w(f"- {c['num_hidden_layers']} decoder layers, hidden size {c['hidden_size']}; layer 0 is dense "
-      f"(SwiGLU MLP, intermediate size {c['intermediate_size']}); layers "
-      f"{c['first_k_dense_replace']}..{c['num_hidden_layers'] - 1} are MoE ({moe_layers} MoE layers).")
-    w(f"- MoE: {c['n_routed_experts']} routed experts (SwiGLU, `moe_intermediate_size` "
-      f"{c['moe_intermediate_size']}), {c['num_experts_per_tok']} active per token, "
-      f"{c['n_shared_experts']} shared expert (intermediate {c['moe_intermediate_size'] * c['n_shared_experts']}, always on).")
-    w(f"- Routing (transformers `DeepseekV3TopkRouter`): s = sigmoid(W_g h); experts are split into "
-      f"`n_group` {c['n_group']} groups of {c['n_routed_experts'] // c['n_group']}; each group is scored by the sum "
-      f"of its top-2 values of s + `e_score_correction_bias`, the best `topk_group` {c['topk_group']} groups are "
-      f"kept and the top-{c['num_experts_per_tok']} experts are chosen among them by s + bias. The mixing weights "
-      f"are the un-biased s of the chosen experts, normalised to sum 1 (`norm_topk_prob` "
-      f"{c['norm_topk_prob']}) and multiplied by `routed_scaling_factor` {c['routed_scaling_factor']}; the shared "
-      f"expert output is added with weight 1.")
-    w(f"- Attention: MLA with {c['num_attention_heads']} heads, `q_lora_rank` {c['q_lora_rank']}, "
-      f"`kv_lora_rank` {c['kv_lora_rank']}, `qk_nope_head_dim` {c['qk_nope_head_dim']}, "
-      f"`qk_rope_head_dim` {c['qk_rope_head_dim']}, `v_head_dim` {c['v_head_dim']}, "
-      f"RoPE theta {c['rope_parameters']['rope_theta']}, `rope_interleave` {c['rope_interleave']}.")
-    w(f"- Vocabulary {c['vocab_size']}, `max_position_embeddings` {c['max_position_embeddings']}, "
-      f"`tie_word_embeddings` {c['tie_word_embeddings']}, RMSNorm eps {c['rms_norm_eps']}, "
-      f"`num_nextn_predict_layers` (MTP) {c.get('num_nextn_predict_layers', c.get('num_mtp_layers'))}.")
+    w(
+        f"- {c['num_hidden_layers']} decoder layers, hidden size {c['hidden_size']}; layer 0 is dense "
+        f"(SwiGLU MLP, intermediate size {c['intermediate_size']}); layers "
+        f"{c['first_k_dense_replace']}..{c['num_hidden_layers'] - 1} are MoE ({moe_layers} MoE layers)."
+    )
+    w(
+        f"- MoE: {c['n_routed_experts']} routed experts (SwiGLU, `moe_intermediate_size` "
+        f"{c['moe_intermediate_size']}), {c['num_experts_per_tok']} active per token, "
+        f"{c['n_shared_experts']} shared expert (intermediate "
+        f"{c['moe_intermediate_size'] * c['n_shared_experts']}, always on)."
+    )
+    w(
+        f"- Routing (transformers `DeepseekV3TopkRouter`): s = sigmoid(W_g h); experts are split into "
+        f"`n_group` {c['n_group']} groups of {c['n_routed_experts'] // c['n_group']}; each group is scored by the sum "
+        f"of its top-2 values of s + `e_score_correction_bias`, the best `topk_group` {c['topk_group']} groups are "
+        f"kept and the top-{c['num_experts_per_tok']} experts are chosen among them by s + bias. The mixing weights "
+        f"are the un-biased s of the chosen experts, normalised to sum 1 (`norm_topk_prob` "
+        f"{c['norm_topk_prob']}) and multiplied by `routed_scaling_factor` {c['routed_scaling_factor']}; the shared "
+        f"expert output is added with weight 1."
+    )
+    w(
+        f"- Attention: MLA with {c['num_attention_heads']} heads, `q_lora_rank` {c['q_lora_rank']}, "
+        f"`kv_lora_rank` {c['kv_lora_rank']}, `qk_nope_head_dim` {c['qk_nope_head_dim']}, "
+        f"`qk_rope_head_dim` {c['qk_rope_head_dim']}, `v_head_dim` {c['v_head_dim']}, "
+        f"RoPE theta {c['rope_parameters']['rope_theta']}, `rope_interleave` {c['rope_interleave']}."
+    )
+    w(
+        f"- Vocabulary {c['vocab_size']}, `max_position_embeddings` {c['max_position_embeddings']}, "
+        f"`tie_word_embeddings` {c['tie_word_embeddings']}, RMSNorm eps {c['rms_norm_eps']}, "
+        f"`num_nextn_predict_layers` (MTP) {c.get('num_nextn_predict_layers', c.get('num_mtp_layers'))}. "
+        f"Trained context: {t['seq_len']} tokens (the config allows {c['max_position_embeddings']}, but longer "
+        "inputs were never seen in training)."
+    )
     w("")
     w("### Parameters")
     w("")
@@ -636,82 +698,138 @@ def write_model_card(out: Path, s: dict[str, Any]) -> None:
         w(f"| {label} | {fmt_int(pb[key])} |")
     w(f"| **total** | **{fmt_int(pb['total'])}** |")
     w("")
-    w(f"Active per token: {fmt_int(s['active_parameters_per_token'])}. The routers also hold "
-      f"{moe_layers} x {c['n_routed_experts']} float32 `e_score_correction_bias` buffers (not parameters).")
+    w(
+        f"Active per token: {fmt_int(s['active_parameters_per_token'])}. The routers also hold "
+        f"{moe_layers} x {c['n_routed_experts']} float32 `e_score_correction_bias` buffers (not parameters)."
+    )
     w("")
     f = s["files"]
     w("### Files")
     w("")
-    w(f"- `model.safetensors`: {fmt_int(f['model_safetensors_bytes'])} bytes, "
-      f"{f['safetensors']['num_tensors']} tensors, dtypes {f['safetensors']['dtypes']} "
-      f"(all weights bfloat16; the `e_score_correction_bias` buffers float32). SHA-256 `{f['model_safetensors_sha256']}`.")
-    w("- Experts are fused 3-D tensors in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) but "
-      "transformers writes them per expert on disk, e.g. `model.layers.1.mlp.experts.0.gate_proj.weight`, "
-      "`...up_proj.weight`, `...down_proj.weight`. The tied `lm_head.weight` is not stored.")
-    w("- `config.json`, `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, "
-      "`training_summary.json` (all numbers on this card, machine-readable).")
+    w(
+        f"- `model.safetensors`: {fmt_int(f['model_safetensors_bytes'])} bytes, "
+        f"{f['safetensors']['num_tensors']} tensors by dtype "
+        f"{', '.join(f'{dt} {n}' for dt, n in sorted(f['safetensors']['dtypes'].items()))}: all weights are "
+        "bfloat16, only the `e_score_correction_bias` buffers are float32. "
+        f"SHA-256 `{f['model_safetensors_sha256']}`."
+    )
+    w(
+        "- Experts are fused 3-D tensors in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) but "
+        "transformers writes them per expert on disk, e.g. `model.layers.1.mlp.experts.0.gate_proj.weight`, "
+        "`...up_proj.weight`, `...down_proj.weight`. The tied `lm_head.weight` is not stored."
+    )
+    w(
+        "- `config.json`, `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, "
+        "`training_summary.json` (all numbers on this card, machine-readable)."
+    )
     w("")
     w("## Data")
     w("")
-    w("WikiText-2 raw (Merity et al., 2016, arXiv:1609.07843; Wikipedia text, CC BY-SA 3.0), read as UTF-8 "
-      "bytes with no newline translation:")
+    w(
+        "WikiText-2 raw (Merity et al., 2016, arXiv:1609.07843; Wikipedia text, CC BY-SA 3.0), read as UTF-8 "
+        "bytes with no newline translation:"
+    )
     w("")
     w("| file | role | bytes | tokens |")
     w("| --- | --- | ---: | ---: |")
     for name, info in d["files"].items():
         w(f"| `{name}` | {info['role']} | {fmt_int(info['bytes'])} | {fmt_int(info['tokens'])} |")
     w("")
-    w(f"The training files are concatenated ({', '.join('`' + x + '`' for x in d['train_files'])}) into one "
-      f"token stream of {fmt_int(d['train_stream_tokens'])} tokens; the last {d['heldout_frac']:.0%} "
-      f"({fmt_int(d['heldout_tokens'])} tokens, the tail of `wiki.valid.raw`) is held out for validation and "
-      f"the model trains on the first {fmt_int(d['train_tokens'])}. **`wiki.test.raw` was never used for "
-      "training or for the tokenizer**; it is only used for the evaluation below.")
+    w(
+        f"The training files are concatenated ({', '.join('`' + x + '`' for x in d['train_files'])}) into one "
+        f"token stream of {fmt_int(d['train_stream_tokens'])} tokens; the last {d['heldout_frac']:.0%} "
+        f"({fmt_int(d['heldout_tokens'])} tokens, the tail of `wiki.valid.raw`) is held out for validation and "
+        f"the model trains on the first {fmt_int(d['train_tokens'])}. **`wiki.test.raw` was never used for "
+        "training or for the tokenizer**; it is only used for the evaluation below."
+    )
     w("")
     w("## Tokenizer")
     w("")
     tk = s["tokenizer"]
-    w(f"Byte-level BPE (GPT-2 style pre-tokenization, no prefix space) trained with `tokenizers` "
-      f"{s['versions']['tokenizers']} on the two training files (not on the test file): vocabulary "
-      f"{tk['vocab_size']} including the special tokens {', '.join('`' + x + '`' for x in SPECIAL_TOKENS)} "
-      f"(ids {tk['special_token_ids']}), `min_frequency` {tk['min_frequency']}. Saved as a transformers "
-      "`PreTrainedTokenizerFast` (`AutoTokenizer.from_pretrained` works offline). There is no post-processor: "
-      "encoding never adds `<s>`/`</s>`, so `tokenizer(text)` gives the same ids with or without "
-      "`add_special_tokens`. Byte-level BPE never produces `<unk>`.")
+    w(
+        f"Byte-level BPE (GPT-2 style pre-tokenization, no prefix space) trained with `tokenizers` "
+        f"{s['versions']['tokenizers']} on the two training files (not on the test file): vocabulary "
+        f"{tk['vocab_size']} including the special tokens {', '.join('`' + x + '`' for x in SPECIAL_TOKENS)} "
+        f"(ids {tk['special_token_ids']}), `min_frequency` {tk['min_frequency']}. Saved with "
+        "`PreTrainedTokenizerFast.save_pretrained` (in transformers 5 an alias of `TokenizersBackend`, the class "
+        "named in `tokenizer_config.json`); `AutoTokenizer.from_pretrained` works offline. There is no post-processor: "
+        "encoding never adds `<s>`/`</s>`, so `tokenizer(text)` gives the same ids with or without "
+        "`add_special_tokens`. Byte-level BPE never produces `<unk>`."
+    )
     w("")
     w("## Training")
     w("")
-    w(f"- {t['steps']} steps of AdamW (betas 0.9/0.95, weight decay {t['weight_decay']} on matrices, "
-      f"grad clip {t['grad_clip']}), batch {t['batch_size']} x seq len {t['seq_len']} = "
-      f"{fmt_int(t['tokens_per_step'])} tokens/step, {fmt_int(t['tokens_seen'])} tokens in total "
-      f"({t['epochs']:.2f} epochs); random windows drawn from the training stream.")
-    w(f"- Learning rate {t['lr']} with {t['warmup_steps']} linear warmup steps, then cosine decay to "
-      f"{t['lr'] * t['min_lr_ratio']:.1e}. float32 training, seed {t['seed']}, {t['threads']} CPU thread(s), "
-      f"transformers experts implementation `{t['experts_implementation']}`.")
-    w(f"- Load balancing as in DeepSeek-V3: auxiliary-loss-free bias update after every step "
-      f"(`e_score_correction_bias += {t['bias_update_rate']} * sign(mean_load - load)` per MoE layer; the bias "
-      f"is a buffer, not touched by the optimizer) plus the complementary sequence-wise balance loss with "
-      f"alpha {t['seq_aux_alpha']}.")
-    w(f"- Wall time: training {t['train_time_s'] / 60:.1f} min; whole script {s['wall_time_s'] / 60:.1f} min "
-      f"on {s['machine']}.")
-    w(f"- Final losses (cross-entropy, nats/token): train {t['final_train_ce_ema']:.4f} (EMA over the last steps, "
-      f"seq len {t['seq_len']}), train-subset eval {t['train_eval_ce']:.4f}, held-out {t['heldout_ce']:.4f} "
-      f"(ppl {math.exp(t['heldout_ce']):.1f}), both as the mean over non-overlapping {t['seq_len']}-token windows.")
+    w(
+        f"- {t['steps']} steps of AdamW (betas 0.9/0.95, weight decay {t['weight_decay']} on matrices, "
+        f"grad clip {t['grad_clip']}), batch {t['batch_size']} x seq len {t['seq_len']} = "
+        f"{fmt_int(t['tokens_per_step'])} tokens/step, {fmt_int(t['tokens_seen'])} tokens in total "
+        f"({t['epochs']:.2f} epochs); random windows drawn from the training stream."
+    )
+    w(
+        f"- Learning rate {t['lr']} with {t['warmup_steps']} linear warmup steps, then cosine decay to "
+        f"{t['lr'] * t['min_lr_ratio']:.1e}. float32 training, seed {t['seed']}, {t['threads']} CPU thread(s), "
+        f"transformers experts implementation `{t['experts_implementation']}`."
+    )
+    w(
+        f"- Load balancing as in DeepSeek-V3: auxiliary-loss-free bias update after every step "
+        f"(`e_score_correction_bias += gamma * sign(mean_load - load)` per MoE layer, load = routed slots per "
+        f"expert in the step's batch; gamma = {t['bias_update_rate']} during warmup, then scaled by lr / peak lr, "
+        f"i.e. down to {t['bias_update_rate'] * t['min_lr_ratio']:.0e}; the bias is a buffer, not touched by the "
+        f"optimizer) plus the complementary sequence-wise balance loss with alpha {t['seq_aux_alpha']}. "
+        f"The router weights train with {t['router_lr_scale']} x the learning rate (this, the bias update "
+        f"and the warmup keep the routing from collapsing onto a few experts early in training)."
+    )
+    w(
+        f"- Wall time: training {t['train_time_s'] / 60:.1f} min; whole script {s['wall_time_s'] / 60:.1f} min "
+        f"on {s['machine']}."
+    )
+    w(
+        f"- Final losses (cross-entropy, nats/token): train {t['final_train_ce_ema']:.4f} (EMA over the last steps, "
+        f"seq len {t['seq_len']}), train-subset eval {t['train_eval_ce']:.4f}, held-out {t['heldout_ce']:.4f} "
+        f"(ppl {math.exp(t['heldout_ce']):.1f}), both as the mean over non-overlapping {t['seq_len']}-token windows."
+    )
+    w("")
+    if t["history"]:
+        w("| step | train CE (EMA) | held-out CE | held-out ppl | elapsed (min) |")
+        w("| ---: | ---: | ---: | ---: | ---: |")
+        for h in t["history"]:
+            w(
+                f"| {h['step']} | {h['train_ce_ema']:.3f} | {h['heldout_ce']:.3f} | {math.exp(h['heldout_ce']):.1f} "
+                f"| {h['elapsed_s'] / 60:.1f} |"
+            )
+        w("")
+    w("Per-expert share of the routed token-slots over the whole training run (min / max per MoE layer):")
+    w(
+        "; ".join(f"layer {layer}: {min(sh):.3f} / {max(sh):.3f}" for layer, sh in t["train_token_share"].items())
+        + f" (uniform {1 / c['n_routed_experts']:.4f})."
+    )
     w("")
     if e:
         w("## Evaluation: perplexity on `wiki.test.raw`")
         w("")
-        w(f"GPTQ protocol: the whole file text tokenized once, split into {fmt_int(e['num_windows'])} "
-          f"non-overlapping windows of {e['seq_len']} tokens ({fmt_int(e['tokens_used'])} of "
-          f"{fmt_int(e['tokens_total'])} tokens; the remainder is dropped), ppl = exp(mean over windows of the "
-          f"window's mean next-token cross-entropy). Model: the saved bfloat16 checkpoint reloaded with "
-          f"`AutoModelForCausalLM.from_pretrained`, {e['compute']}.")
+        w(
+            f"GPTQ protocol: the whole file text tokenized once, split into {fmt_int(e['num_windows'])} "
+            f"non-overlapping windows of {e['seq_len']} tokens ({fmt_int(e['tokens_used'])} of "
+            f"{fmt_int(e['tokens_total'])} tokens; the remainder is dropped), ppl = exp(mean over windows of the "
+            f"window's mean next-token cross-entropy). Model: the saved bfloat16 checkpoint reloaded with "
+            f"`AutoModelForCausalLM.from_pretrained`, {e['compute']}."
+        )
         w("")
         w(f"**wiki.test.raw perplexity: {e['ppl']:.2f}** (mean CE {e['mean_ce']:.4f}).")
         w("")
+        if t["seq_len"] < e["seq_len"]:
+            w(
+                f"Note: the model was trained on {t['seq_len']}-token windows only, so positions "
+                f"{t['seq_len']}..{e['seq_len'] - 1} of every evaluation window are beyond the trained context "
+                "(RoPE extrapolation); the loss there is clearly higher than in the first half of the window."
+            )
+            w("")
         w("### Per-expert token share on wiki.test.raw")
         w("")
-        w(f"Fraction of the routed token-slots ({c['num_experts_per_tok']} per token) each routed expert "
-          f"receives, per MoE layer (uniform = {1 / c['n_routed_experts']:.4f}).")
+        w(
+            f"Fraction of the routed token-slots ({c['num_experts_per_tok']} per token) each routed expert "
+            f"receives, per MoE layer (uniform = {1 / c['n_routed_experts']:.4f})."
+        )
         w("")
         header = "| layer | " + " | ".join(f"e{j}" for j in range(c["n_routed_experts"])) + " | min | max |"
         w(header)
@@ -732,23 +850,27 @@ def write_model_card(out: Path, s: dict[str, Any]) -> None:
     w("```python")
     w("from transformers import AutoModelForCausalLM, AutoTokenizer")
     w("")
-    w('model = AutoModelForCausalLM.from_pretrained("quantkit/demo_model")  # bf16 weights')
+    w('model = AutoModelForCausalLM.from_pretrained("quantkit/demo_model")  # bf16 weights, fp32 routing bias')
     w('tokenizer = AutoTokenizer.from_pretrained("quantkit/demo_model")')
     w("```")
     w("")
     w("## Reproduce")
     w("")
-    w("From the repository root (needs `../shared/data/wikitext-2-raw/`; CPU only, about "
-      f"{s['wall_time_s'] / 60:.0f} minutes on one thread):")
+    w(
+        "From the repository root (needs `../shared/data/wikitext-2-raw/`; CPU only, about "
+        f"{s['wall_time_s'] / 60:.0f} minutes on one thread):"
+    )
     w("")
     w("```bash")
     w(s["command"])
     w("```")
     w("")
-    w(f"Versions: python {s['versions']['python']}, torch {s['versions']['torch']}, transformers "
-      f"{s['versions']['transformers']}, tokenizers {s['versions']['tokenizers']}. The run is seeded and "
-      "deterministic for a given thread count and library versions; other versions or thread counts can "
-      "change the floating-point results slightly.")
+    w(
+        f"Versions: python {s['versions']['python']}, torch {s['versions']['torch']}, transformers "
+        f"{s['versions']['transformers']}, tokenizers {s['versions']['tokenizers']}. The run is seeded and "
+        "deterministic for a given thread count and library versions; other versions or thread counts can "
+        "change the floating-point results slightly."
+    )
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -807,8 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     del model
     weights = out / "model.safetensors"
     inventory = safetensors_inventory(weights)
-    log(f"saved {display_path(out)}: {weights.stat().st_size} bytes, {inventory['num_tensors']} tensors, "
-        f"dtypes {inventory['dtypes']}")
+    log(
+        f"saved {display_path(out)}: {weights.stat().st_size} bytes, {inventory['num_tensors']} tensors, "
+        f"dtypes {inventory['dtypes']}"
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
     reloaded.set_experts_implementation(args.experts_implementation)
     reloaded.eval()
@@ -827,15 +951,16 @@ def main(argv: list[str] | None = None) -> int:
         test_text = read_text(test_path)
         test_ids = encode(tok2, test_text)
         tap = RouterTap.attach(reloaded)
-        losses, counts = window_losses(reloaded, test_ids, args.eval_seq_len, args.eval_batch_size,
-                                       tap=tap, num_experts=config.n_routed_experts)
+        losses, counts = window_losses(
+            reloaded, test_ids, args.eval_seq_len, args.eval_batch_size, tap=tap, num_experts=config.n_routed_experts
+        )
         tap.remove()
         mean_ce = float(np.mean(losses))
         shares = shares_from_counts(counts)
         evaluation = {
             "file": TEST_FILE,
             "protocol": "gptq: whole file tokenized once, non-overlapping windows, remainder dropped, "
-                        "ppl = exp(mean of per-window mean CE)",
+            "ppl = exp(mean of per-window mean CE)",
             "seq_len": args.eval_seq_len,
             "tokens_total": int(test_ids.numel()),
             "num_windows": len(losses),
@@ -847,8 +972,10 @@ def main(argv: list[str] | None = None) -> int:
             "expert_token_share_summary": summarize_shares(shares),
             "eval_time_s": time.perf_counter() - t,
         }
-        log(f"wiki.test.raw: {len(losses)} windows x {args.eval_seq_len}, ppl {math.exp(mean_ce):.2f} "
-            f"({evaluation['eval_time_s']:.0f}s)")
+        log(
+            f"wiki.test.raw: {len(losses)} windows x {args.eval_seq_len}, ppl {math.exp(mean_ce):.2f} "
+            f"({evaluation['eval_time_s']:.0f}s)"
+        )
         for layer, sm in evaluation["expert_token_share_summary"].items():
             log(f"  layer {layer}: share min {sm['min']:.4f} max {sm['max']:.4f}")
     sample = sample_generation(reloaded, tok2, " = Robert Boulter = \n \n Robert Boulter is", 40)
@@ -857,14 +984,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg_dict = json.loads((out / "config.json").read_text())
     token_counts = {
         TRAIN_FILES[0]: {"role": "train (tokenizer + model)", "tokens": int(per_file_ids[0].numel())},
-        TRAIN_FILES[1]: {"role": "train (tokenizer + model); its tail is the held-out split",
-                         "tokens": int(per_file_ids[1].numel())},
+        TRAIN_FILES[1]: {
+            "role": "train (tokenizer + model); its tail is the held-out split",
+            "tokens": int(per_file_ids[1].numel()),
+        },
     }
     for name in TRAIN_FILES:
         token_counts[name]["bytes"] = (data_dir / name).stat().st_size
     if evaluation:
-        token_counts[TEST_FILE] = {"role": "evaluation only, never trained on",
-                                   "tokens": evaluation["tokens_total"], "bytes": test_path.stat().st_size}
+        token_counts[TEST_FILE] = {
+            "role": "evaluation only, never trained on",
+            "tokens": evaluation["tokens_total"],
+            "bytes": test_path.stat().st_size,
+        }
     tokens_per_step = args.batch_size * args.seq_len
     summary: dict[str, Any] = {
         "model_type": cfg_dict["model_type"],
@@ -908,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_decay": args.weight_decay,
             "grad_clip": args.grad_clip,
             "bias_update_rate": args.bias_update_rate,
+            "router_lr_scale": args.router_lr_scale,
             "seq_aux_alpha": args.seq_aux_alpha,
             "seed": args.seed,
             "threads": args.threads,
@@ -928,11 +1061,9 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__,
         },
-        "machine": f"{platform.machine()} CPU ({platform.processor() or platform.system()}), "
-                   f"{args.threads} thread(s)",
-        "command": "python scripts/train_demo_model.py" + ("" if argv is None and len(sys.argv) == 1
-                                                           else " " + " ".join(argv if argv is not None
-                                                                               else sys.argv[1:])),
+        "machine": f"{platform.machine()} CPU ({platform.processor() or platform.system()}), {args.threads} thread(s)",
+        "command": "python scripts/train_demo_model.py"
+        + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
     }
     summary["wall_time_s"] = time.perf_counter() - wall0
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

