@@ -49,7 +49,7 @@ def main() -> None:
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    ids = torch.tensor(tokenizer(load_text(args.text).text)["input_ids"])
+    ids = torch.tensor(tokenizer(load_text(args.text).text, verbose=False)["input_ids"])
     windows = make_windows(ids, "gptq", args.seq_len)[: args.windows]
     model = load_model(path, torch.float32, "cpu")
     tokens = sum(w.n_scored for w in windows)

@@ -78,7 +78,7 @@ def run_perplexity(
     dtype = _dtype(settings.dtype)
     tokenizer = load_tokenizer(model_path, *([base_path] if base_path else []))
     source = load_text(settings.dataset, settings.text_field, settings.split)
-    ids = torch.tensor(tokenizer(source.text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(source.text, verbose=False)["input_ids"], dtype=torch.long)
     windows = make_windows(ids, settings.protocol, settings.window_len, settings.stride, tokenizer.bos_token_id)
     if settings.max_windows is not None:
         if settings.max_windows < 1:
