@@ -55,7 +55,7 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
     arch = get_arch(checkpoint.model_type)
     sources: list[SourcePlan] = []
     available: dict[str, tuple[int, ...]] = {}
-    for source, info in sorted(checkpoint.tensors.items(), key=lambda kv: _natural_key(kv[0])):
+    for source, info in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
         if arch.experts is not None and arch.is_fused(source):
             shapes = arch.experts.fused_shapes(source, info.shape)
         else:
@@ -83,6 +83,6 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
     return QuantPlan(checkpoint, arch, recipe, sources, unexpected)
 
 
-def _natural_key(name: str) -> list[object]:
-    """Sort ``layers.10`` after ``layers.9``."""
-    return [int(part) if part.isdigit() else part for part in name.split(".")]
+def natural_key(name: str) -> list[tuple[int, int, str]]:
+    """Sort ``layers.10`` after ``layers.9``; numbers sort before words at the same position."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]

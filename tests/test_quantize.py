@@ -190,3 +190,12 @@ def test_tensors_unknown_to_the_config_are_kept_as_they_are(tiny_models: dict[st
     report = quantize(model, INT4_G16, tmp_path / "out", show_progress=False)
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))[extra], weights[extra])
     assert any(extra in note for note in report.notes)
+
+
+def test_natural_order_of_tensor_names() -> None:
+    from quantkit.plan import natural_key
+
+    names = ["model.layers.10.a", "model.layers.extra.b", "model.layers.9.a", "model.layers.9"]
+    assert sorted(names, key=natural_key) == [
+        "model.layers.9", "model.layers.9.a", "model.layers.10.a", "model.layers.extra.b"
+    ]
