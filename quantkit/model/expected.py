@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 
 import torch
 
@@ -17,21 +16,18 @@ def expected_disk_shapes(checkpoint: Checkpoint, arch: ArchSpec) -> dict[str, tu
     """On-disk (per-expert) tensor names and shapes that transformers expects from this config."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # its load warnings are not the user's business here
     config_dict = dict(checkpoint.config)
     config_dict.pop("quantization_config", None)
     try:
         config = transformers.AutoConfig.for_model(**config_dict)
     except (ValueError, TypeError, KeyError) as exc:
         raise QuantkitError(f"invalid config.json in {checkpoint.path}: {exc}") from None
-    previous = logging.getLogger("transformers").level
     try:
         with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # transformers raises many types for inconsistent configs
         raise QuantkitError(f"cannot build {arch.model_type} from config.json in {checkpoint.path}: {exc}") from None
-    finally:
-        logging.getLogger("transformers").setLevel(previous)
     memory_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         memory_shapes.pop("lm_head.weight", None)
