@@ -40,8 +40,6 @@ T = TypeVar("T")
 def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
     """Architecture, parameters by role, expert coverage and what ``recipe`` would do."""
     checkpoint = Checkpoint.open(model)
-    if "quantization_config" in checkpoint.config:
-        raise QuantkitError(f"{checkpoint.path} is already quantized; inspect its float original instead")
     plan = make_plan(checkpoint, recipe)
     params: dict[str, int] = defaultdict(int)
     actions: dict[str, dict[str, Any]] = {}
@@ -106,8 +104,6 @@ def quantize(
     out = Path(out)
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
-    if "quantization_config" in checkpoint.config:
-        raise QuantkitError(f"{checkpoint.path} is already quantized; quantize its float original instead")
     plan = make_plan(checkpoint, recipe)
     report = QuantReport(
         model=str(checkpoint.path),

@@ -52,6 +52,8 @@ class QuantPlan:
 
 def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
     """Resolve the recipe for every tensor and validate the checkpoint against its config."""
+    if "quantization_config" in checkpoint.config:
+        raise QuantkitError(f"{checkpoint.path} is already quantized; use its float original instead")
     arch = get_arch(checkpoint.model_type)
     sources: list[SourcePlan] = []
     available: dict[str, tuple[int, ...]] = {}

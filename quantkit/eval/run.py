@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import EvalResult, evaluate
 from quantkit.eval.windows import make_windows
+from quantkit.jsonfile import read_json_object
 from quantkit.model.checkpoint import resolve_model_path
 from quantkit.text_sources import load_text
 
@@ -156,11 +156,8 @@ def check_regression(
 def _read_baseline(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise QuantkitError(f"baseline file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantkitError(f"invalid JSON in baseline {path}: {exc}") from None
-    if not isinstance(data, dict) or "ppl" not in data:
+    data = read_json_object(path)
+    if "ppl" not in data:
         raise QuantkitError(f"{path} is not a `quantkit eval perplexity --save` results file")
     return data
 

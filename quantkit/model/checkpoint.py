@@ -6,7 +6,6 @@ dtypes), and each tensor is read from its memory-mapped shard only when asked fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quantkit.errors import QuantkitError
+from quantkit.jsonfile import read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -171,23 +171,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QuantkitError(f"no config.json in {path}: not a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantkitError(f"invalid JSON in {config_file}: {exc}") from None
-    if not isinstance(config, dict):
-        raise QuantkitError(f"{config_file} is not a JSON object")
-    return config
+    return read_json_object(config_file)
 
 
 def _shard_map(path: Path) -> dict[Path, set[str] | None]:
     """Shard file -> the tensor names its index promises (None when there is no index)."""
     index_file = path / INDEX_FILE
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise QuantkitError(f"invalid {INDEX_FILE} in {path}: {exc}") from None
+        weight_map = read_json_object(index_file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise QuantkitError(f"invalid {INDEX_FILE} in {path}: no 'weight_map' object")
         shards: dict[Path, set[str] | None] = {}
         for name, file in weight_map.items():
             names = shards.setdefault(path / file, set())
