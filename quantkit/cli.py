@@ -40,6 +40,18 @@ GranularityOpt = Annotated[
 RangeOpt = Annotated[
     str | None, typer.Option("--range", help="absmax grid: restricted [-(2^(b-1)-1), ..] or full [-2^(b-1), ..].")
 ]
+WeightClipOpt = Annotated[
+    str | None, typer.Option("--weight-clip", help="Per-channel/group weight clipping: minmax | percentile | mse.")
+]
+PercentileOpt = Annotated[
+    float | None, typer.Option("--percentile", help="For --weight-clip/--range-method percentile (default 99.99).")
+]
+ActivationsOpt = Annotated[
+    str | None, typer.Option("--activations", help="INT8 input activations: none | static | dynamic.")
+]
+RangeMethodOpt = Annotated[
+    str | None, typer.Option("--range-method", help="Static activation ranges: minmax | percentile | mse | kl.")
+]
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Named recipe (see `quantkit presets`).")]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe file (YAML or JSON).")]
 SharedBitsOpt = Annotated[
@@ -71,24 +83,18 @@ def user_errors(command: F) -> F:
 def build_recipe(
     preset: str | None,
     recipe_file: Path | None,
-    method: str | None,
-    bits: int | None,
-    group_size: int | None,
-    granularity: str | None,
-    range_mode: str | None,
+    overrides: dict[str, Any],
     shared_experts_bits: int | None,
     ignore: list[str] | None,
 ):  # -> Recipe (imported lazily to keep --help fast)
-    """The recipe from a file or preset, with command-line overrides applied."""
+    """The recipe from a file or preset, with command-line scheme ``overrides`` (None = unset) applied."""
     from quantkit.recipe import DEFAULT_PRESET, get_preset, load_recipe
 
     if preset and recipe_file:
         raise QuantkitError("pass either --preset or --recipe, not both")
     recipe = load_recipe(recipe_file) if recipe_file else get_preset(preset or DEFAULT_PRESET)
-    if any(v is not None for v in (method, bits, group_size, granularity, range_mode)):
-        recipe = recipe.with_default(
-            method=method, bits=bits, group_size=group_size, granularity=granularity, range=range_mode
-        )
+    if any(v is not None for v in overrides.values()):
+        recipe = recipe.with_default(**overrides)
     if shared_experts_bits is not None:
         recipe = recipe.with_rule(["role:shared_expert"], bits=shared_experts_bits)
     if ignore:
@@ -114,9 +120,9 @@ def inspect(
     """Architecture, layers, experts (routed/shared), parameters, and what the recipe would do."""
     from quantkit import api
 
-    chosen = build_recipe(preset, recipe, method, bits, group_size, granularity, range_mode,
-                          shared_experts_bits, ignore)
-    info = api.inspect(model, chosen)
+    overrides = {"method": method, "bits": bits, "group_size": group_size, "granularity": granularity,
+                 "range": range_mode}
+    info = api.inspect(model, build_recipe(preset, recipe, overrides, shared_experts_bits, ignore))
     if as_json:
         console.print_json(json.dumps(info))
         return
@@ -151,6 +157,10 @@ def quantize(
     group_size: GroupOpt = None,
     granularity: GranularityOpt = None,
     range_mode: RangeOpt = None,
+    weight_clip: WeightClipOpt = None,
+    percentile: PercentileOpt = None,
+    activations: ActivationsOpt = None,
+    range_method: RangeMethodOpt = None,
     preset: PresetOpt = None,
     recipe: RecipeOpt = None,
     shared_experts_bits: SharedBitsOpt = None,
@@ -164,8 +174,10 @@ def quantize(
     from quantkit import api
     from quantkit.model.checkpoint import resolve_model_path
 
-    chosen = build_recipe(preset, recipe, method, bits, group_size, granularity, range_mode,
-                          shared_experts_bits, ignore)
+    overrides = {"method": method, "bits": bits, "group_size": group_size, "granularity": granularity,
+                 "range": range_mode, "clip": weight_clip, "percentile": percentile, "activations": activations,
+                 "activation_range": range_method}
+    chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
     if out is None:
         out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}")
     report = api.quantize(

@@ -19,6 +19,9 @@ from quantkit.registry import Registry
 Granularity = Literal["tensor", "channel", "group"]
 RangeMode = Literal["restricted", "full"]
 MIN_BITS, MAX_BITS = 2, 8
+WEIGHT_CLIPS = ("minmax", "percentile", "mse")
+ACTIVATION_MODES = ("none", "static", "dynamic")
+ACTIVATION_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class SchemeConfig:
     granularity: Granularity = "channel"
     group_size: int | None = None
     range: RangeMode = "restricted"
+    clip: str = "minmax"  # weight clipping per channel/group: one of WEIGHT_CLIPS
+    percentile: float = 99.99  # for clip/activation_range "percentile"
+    activations: str = "none"  # INT8 input activations: none (weight-only), static or dynamic
+    activation_range: str = "minmax"  # selector for static input scales (quantkit.calib.ranges)
 
     def describe(self) -> str:
         scheme = SCHEMES.get(self.method)
@@ -37,7 +44,9 @@ class SchemeConfig:
             return self.method
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         rng = f", {self.range}" if self.method == "absmax" else ""
-        return f"{self.method} int{self.bits} {grid}{rng}"
+        clip = f", clip {self.clip}" if self.clip != "minmax" else ""
+        acts = {"none": "", "static": f", A8 static {self.activation_range}", "dynamic": ", A8 dynamic"}
+        return f"{self.method} int{self.bits} {grid}{rng}{clip}{acts.get(self.activations, '')}"
 
     def with_updates(self, **changes: object) -> SchemeConfig:
         """A copy with ``changes``; a group size implies group granularity."""
@@ -62,6 +71,17 @@ class SchemeConfig:
             raise QuantkitError(f"group granularity needs a positive group size, got {self.group_size}")
         if self.range not in ("restricted", "full"):
             raise QuantkitError(f"range must be restricted or full, got {self.range!r}")
+        if self.clip not in WEIGHT_CLIPS:
+            raise QuantkitError(f"weight clip must be one of {', '.join(WEIGHT_CLIPS)}, got {self.clip!r}")
+        if not 0 < self.percentile <= 100:
+            raise QuantkitError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.activations not in ACTIVATION_MODES:
+            raise QuantkitError(
+                f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {self.activations!r}"
+            )
+        from quantkit.calib.ranges import RANGE_SELECTORS
+
+        RANGE_SELECTORS.get(self.activation_range)
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """One-line error when ``name`` of ``shape`` cannot take this scheme."""
