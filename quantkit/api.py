@@ -7,34 +7,27 @@ import resource
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors
 from quantkit.formats.sharded import ShardedWriter, atomic_directory
 from quantkit.model.archs.base import LINEAR_ROLES
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
+from quantkit.progress import track
 from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
 from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
-from quantkit.schemes.base import estimate_bits_per_weight
+from quantkit.schemes.activations import static_input_scale
+from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
-T = TypeVar("T")
 
 
 def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
@@ -95,16 +88,22 @@ def quantize(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     seed: int = 0,
+    calibration: str | Path | None = None,
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
 ) -> QuantReport:
-    """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically."""
+    """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically.
+
+    ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
+    static activations take their input scales from it.
+    """
     started = time.perf_counter()
     out = Path(out)
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
     plan = make_plan(checkpoint, recipe)
+    calib = _load_calibration(calibration, checkpoint, plan)
     report = QuantReport(
         model=str(checkpoint.path),
         model_type=checkpoint.model_type,
@@ -113,6 +112,11 @@ def quantize(
         seed=seed,
         output=str(out),
     )
+    if calib is not None:
+        report.calibration = {key: calib.metadata.get(key) for key in
+                              ("dataset", "num_samples", "seq_len", "tokens", "all_experts", "min_expert_tokens")}
+        report.calibration["path"] = str(calibration)
+        report.calibration["flagged_experts"] = len(calib.starved())
     if plan.unexpected:
         report.notes.append(
             f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"
@@ -121,13 +125,16 @@ def quantize(
     float_modules: list[str] = []
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        for source in _progress(plan.sources, "quantizing", show_progress, console):
+        for source in track(plan.sources, "quantizing", show_progress, console):
             tensor = checkpoint.get(source.source)
             views = plan.arch.per_expert_view(source.source, tensor)
             for item in source.outputs:
                 weight = views[item.name]
                 _check_finite(item.name, weight, checkpoint)
                 record = _write_tensor(item, weight, writer)
+                if item.scheme is not None and item.scheme.activations == "static":
+                    assert calib is not None
+                    _write_input_scale(item, weight, calib, plan, writer, record)
                 report.tensors.append(record)
                 if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
                     assignments[item.module] = item.scheme
@@ -141,10 +148,40 @@ def quantize(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in checkpoint.other_files():
             shutil.copy2(file, tmp / file.name)
+        fallbacks = sum(1 for t in report.tensors if t.input_fallback)
+        if fallbacks:
+            report.notes.append(f"{fallbacks} starved expert weight(s) use a fallback input range (see input_fallback)")
         report.wall_time_s = time.perf_counter() - started
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report.write(tmp)
     return report
+
+
+def _load_calibration(path: str | Path | None, checkpoint: Checkpoint, plan: QuantPlan) -> Calibration | None:
+    """The calibration for ``checkpoint`` (checked to be of this model), or None when none is needed."""
+    static = [t.name for t in plan.tensors if t.scheme is not None and t.scheme.activations == "static"]
+    if path is None:
+        if static:
+            raise QuantkitError(
+                "static activations need calibration statistics: run `quantkit calibrate MODEL --out DIR` "
+                "and pass --calibration DIR (or use --activations dynamic)"
+            )
+        return None
+    calibration = load_calibration(path)
+    check_model(calibration, checkpoint)
+    return calibration
+
+
+def _write_input_scale(item: TensorPlan, weight: torch.Tensor, calib: Calibration, plan: QuantPlan,
+                       writer: ShardedWriter, record: TensorRecord) -> None:
+    """The static INT8 ``input_scale`` of one quantized linear, from its calibrated range."""
+    assert item.scheme is not None
+    amax, tokens, fallback = calib.input_amax(plan.arch, item.name, item.scheme.activation_range,
+                                              item.scheme.percentile)
+    scale = static_input_scale(amax, storage_dtype(weight))
+    writer.add(f"{item.module}.input_scale", scale)
+    record.bytes_after += scale.numel() * scale.element_size()
+    record.input_amax, record.input_tokens, record.input_fallback = amax, tokens, fallback
 
 
 def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter) -> TensorRecord:
@@ -206,14 +243,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _progress(items: list[T], label: str, enabled: bool, console: Console | None) -> Iterator[T]:
-    if not enabled:
-        yield from items
-        return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
-        yield from progress.track(items, total=len(items))
-

@@ -168,6 +168,9 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard size, e.g. 2GB, 500MB.")] = "2GB",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the report).")] = 0,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", "-c", help="Directory from `quantkit calibrate` (same model).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL into compressed-tensors safetensors plus quantkit_report.json."""
@@ -187,6 +190,7 @@ def quantize(
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size),
         seed=seed,
+        calibration=calibration,
         command=["quantkit", *sys.argv[1:]],
         show_progress=not as_json,
         console=err_console,
@@ -196,6 +200,85 @@ def quantize(
     else:
         report.print_summary(console)
         console.print(f"wrote {out}")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration directory to write.")] = Path("calib"),
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", "-d", help="Hub recipe (wikitext2, c4, ptb, pile-val; online) or a local "
+                     "txt/jsonl/parquet file or folder; default: the bundled calibration_data/default."),
+    ] = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="Field holding text in jsonl/parquet.")] = "text",
+    split: Annotated[str | None, typer.Option("--split", help="Hub split (default: the recipe's).")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Token windows to sample.")] = 128,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", help="Tokens per window; default min(2048, model context).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling the windows.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
+    all_experts: Annotated[
+        bool, typer.Option("--all-experts", help="Every token through every expert, for statistics only.")
+    ] = False,
+    min_expert_tokens: Annotated[
+        int, typer.Option("--min-expert-tokens", help="Flag experts observed on fewer tokens (fallback applies).")
+    ] = 16,
+    plot: Annotated[
+        list[str] | None, typer.Option("--plot", help="Also plot these sites (glob, repeatable).")
+    ] = None,
+    imatrix_out: Annotated[
+        Path | None, typer.Option("--imatrix-out", help="Also write a llama.cpp imatrix GGUF here.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run calibration text through MODEL one layer at a time; write per-site, per-expert statistics."""
+    from quantkit.calib.run import CalibrationSettings
+    from quantkit.calib.run import calibrate as run_calibration
+
+    settings = CalibrationSettings(
+        dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        text_field=text_field, split=split, all_experts=all_experts, min_expert_tokens=min_expert_tokens,
+        plot=tuple(plot or ()), device=resolve_device(device),
+    )
+    calibration = run_calibration(model, out, settings, imatrix_out=imatrix_out, overwrite=overwrite,
+                                  command=["quantkit", *sys.argv[1:]], show_progress=not as_json,
+                                  console=err_console)
+    if as_json:
+        console.print_json(json.dumps(calibration.metadata))
+        return
+    print_calibration(calibration.metadata)
+    console.print(f"wrote {out}" + (f" and {imatrix_out}" if imatrix_out else ""))
+
+
+def print_calibration(meta: dict[str, Any]) -> None:
+    table = Table(title=f"calibration: {meta['model']}", show_header=False)
+    overlap = " (overlapping: the text is short)" if meta["overlapping_windows"] else ""
+    table.add_row("data", f"{meta['dataset']}: {meta['num_samples']} x {meta['seq_len']} tokens{overlap}")
+    table.add_row("mode", "all experts (statistics only)" if meta["all_experts"] else "routed, as the model does")
+    table.add_row("time / peak memory", f"{meta['seconds']:.1f} s / {meta['peak_rss_mb']:.0f} MiB")
+    console.print(table)
+    if meta["expert_routed_tokens"]:
+        experts = Table(title="tokens per routed expert (gate_up input)")
+        flag_column = f"< {meta['min_expert_tokens']}"
+        for column in ("site", "experts", "routed min / median / max", "observed min", flag_column):
+            experts.add_column(column, justify="left" if column == "site" else "right")
+        for site, routed in meta["expert_routed_tokens"].items():
+            if not site.endswith("gate_up_proj"):
+                continue
+            observed = meta["expert_tokens"][site]
+            ordered = sorted(routed)
+            flagged = sum(1 for t in observed if t < meta["min_expert_tokens"])
+            experts.add_row(site.removesuffix(".gate_up_proj"), str(len(routed)),
+                            f"{ordered[0]:,} / {ordered[len(ordered) // 2]:,} / {ordered[-1]:,}",
+                            f"{min(observed):,}", str(flagged))
+        console.print(experts)
+    for site, path in meta["plots"].items():
+        console.print(f"plot {site}: {path}")
 
 
 eval_app = typer.Typer(help="Evaluate models: perplexity, divergence from a base model, regression gate.",

@@ -6,13 +6,17 @@ Per quantized linear ``M`` (module name, e.g. ``model.layers.0.self_attn.q_proj`
     M.weight_scale       float [out, in / g] | [out, 1] | [1]
     M.weight_zero_point  int32 [ceil(out * b / 32), in / g]  asymmetric only (packed along dim 0)
     M.weight_shape       int64 [2]                           (out, in)
+    M.input_scale        float [1]                           static INT8 activations only
 
 ``config.json`` gains ``quantization_config`` with one config group per distinct scheme;
-each group's ``targets`` are anchored ``re:`` patterns that match exactly its modules.
+each group's ``targets`` are anchored ``re:`` patterns that match exactly its modules, and
+``input_activations`` says whether inputs are quantized too (INT8, static per tensor or
+dynamic per token, see :mod:`quantkit.schemes.activations`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from typing import Any
@@ -21,10 +25,10 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packing import pack_int32, unpack_int32
-from quantkit.schemes.base import IntQuantized, SchemeConfig, dequantize_codes
+from quantkit.schemes.base import ACTIVATION_BITS, IntQuantized, SchemeConfig, dequantize_codes
 
 FORMAT = "pack-quantized"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
 
 
 def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
@@ -70,18 +74,36 @@ def weight_args(config: SchemeConfig) -> dict[str, Any]:
     }
 
 
+def input_activation_args(config: SchemeConfig) -> dict[str, Any] | None:
+    """compressed-tensors ``QuantizationArgs`` for the inputs (None for weight-only schemes)."""
+    if config.activations == "none":
+        return None
+    static = config.activations == "static"
+    return {
+        "num_bits": ACTIVATION_BITS,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "tensor" if static else "token",
+        "dynamic": not static,
+        "observer": "minmax" if static else None,
+    }
+
+
 def quantization_config(assignments: dict[str, SchemeConfig], float_modules: list[str]) -> dict[str, Any]:
     """``quantization_config`` for ``config.json``: module name -> scheme, plus modules left float."""
-    by_args: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    by_args: dict[str, list[str]] = defaultdict(list)
     for module, config in assignments.items():
-        by_args[tuple(sorted(weight_args(config).items()))].append(module)
+        key = json.dumps([weight_args(config), input_activation_args(config)], sort_keys=True)
+        by_args[key].append(module)
     all_names = list(assignments) + list(float_modules)
     groups = {}
-    for i, (args, modules) in enumerate(sorted(by_args.items(), key=lambda kv: kv[1][0])):
+    for i, (key, modules) in enumerate(sorted(by_args.items(), key=lambda kv: kv[1][0])):
+        weights, inputs = json.loads(key)
         groups[f"group_{i}"] = {
             "targets": compact_targets(modules, all_names),
-            "weights": dict(args),
-            "input_activations": None,
+            "weights": weights,
+            "input_activations": inputs,
             "output_activations": None,
             "format": FORMAT,
         }
@@ -122,21 +144,21 @@ def compact_targets(selected: list[str], universe: list[str]) -> list[str]:
 
 
 def module_args(quant_config: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
-    """(targets, weight args) for each config group of a ``quantization_config``."""
+    """(targets, group) for each config group of a ``quantization_config`` that quantizes weights."""
     if quant_config.get("format") != FORMAT and not any(
         g.get("format") == FORMAT for g in quant_config.get("config_groups", {}).values()
     ):
         raise QuantkitError(f"unsupported compressed-tensors format {quant_config.get('format')!r}")
     groups = quant_config.get("config_groups") or {}
-    return [(list(g.get("targets", [])), dict(g["weights"])) for g in groups.values() if g.get("weights")]
+    return [(list(g.get("targets", [])), dict(g)) for g in groups.values() if g.get("weights")]
 
 
-def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
-    """The weight args of the config group whose targets match ``module``."""
-    for targets, args in groups:
+def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]], kind: str = "weights") -> dict[str, Any]:
+    """The ``kind`` args (weights, or input_activations: possibly empty) of the group targeting ``module``."""
+    for targets, group in groups:
         if any(t.startswith("re:") and re.match(t[3:], module) for t in targets):
-            return args
-    for targets, args in groups:  # class-name targets such as "Linear" match any linear
+            return dict(group.get(kind) or {})
+    for targets, group in groups:  # class-name targets such as "Linear" match any linear
         if any(not t.startswith("re:") for t in targets):
-            return args
+            return dict(group.get(kind) or {})
     raise QuantkitError(f"no quantization_config group targets {module}")

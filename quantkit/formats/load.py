@@ -13,6 +13,8 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.experts import ExpertTap, install_eager_experts
+from quantkit.schemes.activations import fake_quantize_dynamic, fake_quantize_static
 
 
 def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -61,7 +63,58 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         raise QuantkitError(f"{checkpoint.path} has weight(s) the model does not know, e.g. {unknown}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    simulate_input_quantization(model, checkpoint)
     return model.to(device).eval()
+
+
+def simulate_input_quantization(model: Any, checkpoint: Checkpoint) -> int:
+    """Fake-quantize the inputs of modules whose config group quantizes activations; returns how many.
+
+    Plain linears get a forward pre-hook; routed experts (fused in memory) run quantkit's eager
+    experts forward, which quantizes each expert's inputs with that expert's own scale.
+    """
+    quant_config = checkpoint.config.get("quantization_config")
+    if not quant_config:
+        return 0
+    arch = get_arch(checkpoint.model_type)
+    groups = compressed_tensors.module_args(quant_config)
+    per_expert: dict[str, dict[str, dict[int, torch.Tensor | None]]] = {}
+    count = 0
+    for module in sorted({n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith("_packed")}):
+        inputs = compressed_tensors.args_for(module, groups, "input_activations")
+        if not inputs:
+            continue
+        scale = checkpoint.get(f"{module}.input_scale") if not inputs.get("dynamic") else None
+        if not inputs.get("dynamic") and scale is None:
+            raise QuantkitError(f"{checkpoint.path} lacks {module}.input_scale for static activations")
+        site, expert = arch.input_site(f"{module}.weight")
+        if arch.is_fused(site):
+            experts_module, _, param = site.rpartition(".")
+            per_expert.setdefault(experts_module, {}).setdefault(param, {})[expert] = scale
+        else:
+            model.get_submodule(site).register_forward_pre_hook(_input_quantizer(scale))
+        count += 1
+    for name, scales in per_expert.items():
+        install_eager_experts(model.get_submodule(name), _expert_input_quantizer(scales))
+    return count
+
+
+def _input_quantizer(scale: torch.Tensor | None):  # -> forward pre-hook
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = fake_quantize_dynamic(args[0]) if scale is None else fake_quantize_static(args[0], scale)
+        return (x, *args[1:])
+
+    return hook
+
+
+def _expert_input_quantizer(scales: dict[str, dict[int, torch.Tensor | None]]) -> ExpertTap:
+    def tap(param: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
+        if expert not in scales.get(param, {}):
+            return None
+        scale = scales[param][expert]
+        return fake_quantize_dynamic(x) if scale is None else fake_quantize_static(x, scale)
+
+    return tap
 
 
 def _config_dtype(config: dict[str, Any]) -> torch.dtype:

@@ -6,6 +6,8 @@ dtypes), and each tensor is read from its memory-mapped shard only when asked fo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 # Files that belong to the float weights and are never copied next to a quantized output.
+_SAMPLE = 64 * 1024  # bytes per fingerprint sample
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
@@ -126,6 +129,27 @@ class Checkpoint:
             return self._handles[info.file].get_tensor(name)
         except SafetensorError as exc:
             raise QuantkitError(f"corrupt shard {info.file.name}: cannot read {name}: {exc}") from None
+
+    def fingerprint(self) -> str:
+        """A sha256 naming this model: config, every tensor's name/dtype/shape, and sampled weight bytes.
+
+        Reading every byte of a large checkpoint would take minutes, so each shard contributes its
+        size and 64 KiB from its start, middle and end: a fine-tuned copy differs there too.
+        """
+        digest = hashlib.sha256()
+        config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            info = self.tensors[name]
+            digest.update(f"{name}:{info.dtype}:{list(info.shape)};".encode())
+        for file in self.shard_files:
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with file.open("rb") as handle:
+                for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                    handle.seek(offset)
+                    digest.update(handle.read(_SAMPLE))
+        return digest.hexdigest()
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

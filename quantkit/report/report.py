@@ -31,6 +31,9 @@ class TensorRecord:
     bytes_before: int
     bytes_after: int
     rel_error: float | None  # ||W - Q|| / ||W||
+    input_amax: float | None = None  # static INT8 activations: the calibrated clipping range
+    input_tokens: int | None = None  # calibration tokens behind it (this expert's, for routed experts)
+    input_fallback: str | None = None  # why the range is not this tensor's own (starved expert)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class QuantReport:
     peak_rss_mb: float | None = None
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # the calibration used: path, dataset, tokens, flagged experts
 
     @property
     def bytes_before(self) -> int:
@@ -83,6 +87,7 @@ class QuantReport:
             },
             "by_role": self.by_role(),
             "notes": self.notes,
+            "calibration": self.calibration,
             "tensors": [asdict(t) for t in self.tensors],
         }
 

@@ -176,6 +176,18 @@ class ArchSpec:
             return Role.DENSE_MLP
         return Role.OTHER
 
+    def input_site(self, disk_weight: str) -> tuple[str, int]:
+        """The calibration site (in-memory module or fused expert parameter) and expert index of a weight.
+
+        ``model.layers.1.mlp.experts.3.up_proj.weight`` -> ``("model.layers.1.mlp.experts.gate_up_proj", 3)``;
+        ``model.layers.0.self_attn.q_proj.weight`` -> ``("model.layers.0.self_attn.q_proj", 0)``.
+        """
+        match = self.experts.per_expert_pattern.match(disk_weight) if self.experts is not None else None
+        if match is None or self.experts is None:
+            return self.memory_name(disk_weight).removesuffix(".weight"), 0
+        param = "down_proj" if match["proj"] == self.experts.down else "gate_up_proj"
+        return self.memory_name(f"{match['layer']}{self.experts.memory_block}.experts.{param}"), int(match["expert"])
+
     def is_fused(self, name: str) -> bool:
         return self.experts is not None and self.experts.fused_pattern.match(name) is not None
 
