@@ -5,6 +5,8 @@ Ranges for b bits:
   the grid is symmetric, so +absmax and -absmax are both exact.
 - ``full`` ``[-2^(b-1), 2^(b-1)-1]``, scale = absmax / (2^(b-1) - 0.5): the extra negative
   code is used; +absmax clips by half a step (PyTorch's and compressed-tensors' convention).
+
+``absmax`` is per group and chosen by ``config.clip`` (:mod:`quantkit.schemes.clipping`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from quantkit.schemes.base import (
     scale_shape,
     storage_dtype,
 )
+from quantkit.schemes.clipping import clip_amax
 
 
 def absmax_range(bits: int, mode: str) -> tuple[int, int]:
@@ -32,12 +35,22 @@ def absmax_range(bits: int, mode: str) -> tuple[int, int]:
 class AbsmaxScheme(Scheme):
     def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> IntQuantized:
         qmin, qmax = absmax_range(config.bits, config.range)
+        dtype = storage_dtype(weight)
+
+        def scale_for(amax: torch.Tensor) -> torch.Tensor:
+            return finish_scale(amax / ((qmax - qmin) / 2), dtype)
+
+        def codes_for(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(torch.round(groups / scale.to(torch.float32).unsqueeze(-1)), qmin, qmax)
+
+        def fake_quantize(groups: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+            scale = scale_for(amax)  # dequantized in the scale's dtype, as IntQuantized.dequantize does
+            return (codes_for(groups, scale).to(dtype) * scale.unsqueeze(-1)).to(torch.float32)
+
         groups = group_view(weight, config)  # (rows, n_groups, group)
-        amax = groups.abs().amax(dim=-1)  # (rows, n_groups)
-        scale = finish_scale(amax / ((qmax - qmin) / 2), storage_dtype(weight))
-        codes = torch.clamp(torch.round(groups / scale.to(torch.float32).unsqueeze(-1)), qmin, qmax)
+        scale = scale_for(clip_amax(groups, config, fake_quantize))  # (rows, n_groups)
         return IntQuantized(
-            codes=codes.reshape(weight.shape).to(torch.int8),
+            codes=codes_for(groups, scale).reshape(weight.shape).to(torch.int8),
             scale=scale.reshape(scale_shape(config, weight)),
             zero_point=None,
             config=config,

@@ -62,6 +62,8 @@ class SchemeConfig:
         """One-line errors for impossible settings (independent of any tensor)."""
         scheme = SCHEMES.get(self.method)
         if not scheme.integer:
+            if self.activations != "none":
+                raise QuantkitError(f"activation quantization needs an integer weight method, not {self.method}")
             return
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise QuantkitError(f"bits must be between {MIN_BITS} and {MAX_BITS} for {self.method}, got {self.bits}")
