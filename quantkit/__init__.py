@@ -10,17 +10,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from quantkit.api import inspect, quantize
+    from quantkit.api import CalibrationSettings, calibrate, inspect, quantize
+    from quantkit.calib.artifact import load_calibration
     from quantkit.formats.load import load_quantized
 
-__all__ = ["__version__", "inspect", "load_quantized", "quantize"]
+__all__ = ["CalibrationSettings", "__version__", "calibrate", "inspect", "load_calibration", "load_quantized",
+           "quantize"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("quantize", "inspect"):
+    if name in ("quantize", "inspect", "calibrate", "CalibrationSettings"):
         from quantkit import api
 
         return getattr(api, name)
+    if name == "load_calibration":
+        from quantkit.calib.artifact import load_calibration
+
+        return load_calibration
     if name == "load_quantized":
         from quantkit.formats.load import load_quantized
 

@@ -1,4 +1,4 @@
-"""The Python API the CLI calls: :func:`inspect` and :func:`quantize`."""
+"""The Python API the CLI calls: :func:`inspect`, :func:`quantize` and :func:`calibrate`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
+from quantkit.calib.run import CalibrationSettings, calibrate
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors
 from quantkit.formats.sharded import ShardedWriter, atomic_directory
@@ -27,6 +28,7 @@ from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
 
+__all__ = ["CalibrationSettings", "calibrate", "expert_coverage", "inspect", "quantize"]
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
 
 

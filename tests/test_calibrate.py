@@ -198,3 +198,42 @@ def test_static_activations_need_a_calibration_of_the_same_model(
                                  str(tmp_path / "calib"), "--out", str(tmp_path / "q")])
     assert result.exit_code == 2 and "another model" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_calibrate_cli_writes_artifact_plots_and_imatrix(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
+    from quantkit.calib.imatrix import read_imatrix_gguf
+
+    out, imatrix = tmp_path / "calib", tmp_path / "model.imatrix.gguf"
+    args = ["calibrate", str(tiny_lm), "--dataset", str(test_text), "--num-samples", "4", "--seq-len", "32",
+            "--out", str(out), "--imatrix-out", str(imatrix), "--plot", "*layers.0.self_attn.o_proj"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "calibration.json").read_text())
+    assert meta["num_samples"] == 4 and meta["seq_len"] == 32 and meta["tokens"] == 128
+    assert "model.layers.0.self_attn.o_proj" in meta["plots"] and len(meta["plots"]) >= 2
+    for relative in meta["plots"].values():
+        assert (out / relative).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entries, info = read_imatrix_gguf(imatrix)
+    assert (info.chunk_count, info.chunk_size) == (4, 32)
+    calibration = load_calibration(out)
+    sum_sq, counts = entries["blk.1.ffn_gate_exps.weight"]
+    site = calibration.stats.sites["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(sum_sq, site.sum_sq.float()) and counts.flatten().tolist() == site.tokens.tolist()
+    down, _ = entries["blk.0.ffn_down.weight"]
+    assert torch.equal(down, calibration.stats.site("model.layers.0.mlp.down_proj").sum_sq.float())
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--seq-len", "100"], "exceeds the model's context"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--plot", "nothing.matches"], "matches no calibration site"),
+    (["--min-expert-tokens", "-1"], "must not be negative"),
+])
+def test_calibrate_cli_errors(tiny_lm: Path, test_text: Path, tmp_path: Path, extra: list[str],
+                              message: str) -> None:
+    result = runner.invoke(app, ["calibrate", str(tiny_lm), "--dataset", str(test_text), "--seq-len", "32",
+                                 "--num-samples", "2", *extra, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "c").exists()

@@ -2,8 +2,9 @@
 
 Each configuration quantizes the demo model and evaluates the first windows of WikiText-2 test
 (gptq protocol, seq-len 512) against the float model: perplexity, KL and top-1 agreement must stay
-within tolerance of the committed numbers in tests/baselines/demo_model.json. Later methods
-(GPTQ, k-quants) add themselves to CONFIGS.
+within tolerance of the committed numbers in tests/baselines/demo_model.json. Configurations that
+need calibration (static W8A8) use one calibration of the demo model on WikiText-2 *valid*. Later
+methods (GPTQ, k-quants) add themselves to CONFIGS.
 
 Regenerate the baselines deliberately, after a change meant to move them:
     QUANTKIT_UPDATE_BASELINES=1 pytest tests/test_regression.py
@@ -18,13 +19,14 @@ from typing import Any
 
 import pytest
 
-from quantkit.api import quantize
+from quantkit.api import CalibrationSettings, calibrate, quantize
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
 from quantkit.recipe import get_preset
 from tests.conftest import SHARED
 
 WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_VALID = SHARED / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 BASELINES = Path(__file__).parent / "baselines" / "demo_model.json"
 SETTINGS = EvalSettings(dataset=str(WIKI_TEST), protocol="gptq", seq_len=512, max_windows=24, batch_size=4)
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -32,7 +34,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "absmax-w4-g128": {"method": "absmax", "bits": 4, "group_size": 128},
     "zeropoint-w8-g128": {"method": "zeropoint", "bits": 8, "group_size": 128},
     "zeropoint-w4-g128": {"method": "zeropoint", "bits": 4, "group_size": 128},
+    "zeropoint-w4-g128-mse": {"method": "zeropoint", "bits": 4, "group_size": 128, "clip": "mse"},
+    "absmax-w8a16": {"method": "absmax", "bits": 8},  # per channel: the weights of the W8A8 rows below
+    "absmax-w8a8-dynamic": {"method": "absmax", "bits": 8, "activations": "dynamic"},
+    "absmax-w8a8-static-minmax": {"method": "absmax", "bits": 8, "activations": "static"},
+    "absmax-w8a8-static-kl": {"method": "absmax", "bits": 8, "activations": "static", "activation_range": "kl"},
 }
+CALIBRATION = CalibrationSettings(dataset=str(WIKI_VALID), num_samples=32, seq_len=512)
 PPL_TOLERANCE = 0.01  # relative, either direction: a drop this large means the evaluation changed
 KL_TOLERANCE = 0.10  # relative, plus 1e-4 absolute
 
@@ -45,9 +53,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
     results = {"float": _numbers(run_perplexity(None, SETTINGS))}
+    calibration = tmp_path_factory.mktemp("calibration") / "calib"
+    calibrate(None, calibration, CALIBRATION, show_progress=False)
     for name, config in CONFIGS.items():
         out = tmp_path_factory.mktemp(name) / "out"
-        quantize(None, get_preset("int8").with_default(**config), out, show_progress=False)
+        quantize(None, get_preset("int8").with_default(**config), out, calibration=calibration, show_progress=False)
         results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
     if os.environ.get("QUANTKIT_UPDATE_BASELINES") == "1":
         BASELINES.write_text(json.dumps({"settings": {"protocol": "gptq", "seq_len": 512, "max_windows": 24,
@@ -84,3 +94,10 @@ def test_more_bits_cost_less_quality(measured: dict[str, dict[str, float]]) -> N
         w8, w4 = measured[f"{method}-w8-g128"], measured[f"{method}-w4-g128"]
         assert abs(w8["ppl"] / measured["float"]["ppl"] - 1) < 0.01
         assert w8["kl"] < w4["kl"] and w8["top1_agreement"] > w4["top1_agreement"]
+
+
+def test_calibrated_choices_help(measured: dict[str, dict[str, float]]) -> None:
+    """MSE weight clipping beats plain min/max at 4 bits; 8-bit activations cost more than 8-bit weights alone."""
+    assert measured["zeropoint-w4-g128-mse"]["kl"] < measured["zeropoint-w4-g128"]["kl"]
+    for name in ("absmax-w8a8-dynamic", "absmax-w8a8-static-minmax", "absmax-w8a8-static-kl"):
+        assert measured[name]["kl"] > measured["absmax-w8a16"]["kl"]

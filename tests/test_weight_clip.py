@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
 from quantkit.recipe import recipe_from_dict
-from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
+from quantkit.schemes import IntQuantized
 from quantkit.schemes.clipping import MSE_NORM
+from tests.test_schemes import quantize
 
 KINDS = ["gaussian", "laplace", "outliers"]
 
@@ -83,14 +84,6 @@ def weights(kind: str, shape: tuple[int, int] = (64, 512), seed: int = 0) -> tor
     if kind == "outliers":
         w.view(-1)[torch.randint(0, w.numel(), (w.numel() // 200,), generator=gen)] *= 25
     return w
-
-
-def quantize(weight: torch.Tensor, **kwargs: object) -> IntQuantized:
-    config = SchemeConfig(method=str(kwargs.pop("method"))).with_updates(**kwargs)
-    config.validate()
-    result = SCHEMES.get(config.method).quantize(weight, config)
-    assert isinstance(result, IntQuantized)
-    return result
 
 
 def as_rows(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
