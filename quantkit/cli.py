@@ -294,7 +294,7 @@ def eval_perplexity(
         str | None, typer.Option("--base", help="Float model to compare with: KL(base||model), top-1 agreement.")
     ] = None,
     dataset: Annotated[
-        str, typer.Option("--dataset", "-d", help="wikitext2 | c4 | ptb (hub, online) or a local file/folder.")
+        str, typer.Option("--dataset", "-d", help="wikitext2 | c4 | ptb (hub recipes, online) or a local file/folder.")
     ] = "wikitext2",
     text_field: Annotated[str, typer.Option("--text-field", help="Field holding text in jsonl/parquet.")] = "text",
     split: Annotated[str | None, typer.Option("--split", help="Hub split (default: the protocol's).")] = None,
