@@ -37,6 +37,11 @@ class SchemeConfig:
     percentile: float = 99.99  # for clip/activation_range "percentile"
     activations: str = "none"  # INT8 input activations: none (weight-only), static or dynamic
     activation_range: str = "minmax"  # selector for static input scales (quantkit.calib.ranges)
+    symmetric: bool = False  # gptq: absmax grid (full range) instead of zero points
+    act_order: bool = False  # gptq: columns in decreasing order of the Hessian diagonal
+    static_groups: bool = False  # gptq: group parameters fixed before the act-order permutation
+    damp: float = 0.01  # gptq: dampening added to the Hessian diagonal, as a fraction of its mean
+    block_size: int = 128  # gptq: columns per lazy batch update
 
     def describe(self) -> str:
         scheme = SCHEMES.get(self.method)
@@ -44,6 +49,9 @@ class SchemeConfig:
             return self.method
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         rng = f", {self.range}" if self.method == "absmax" else ""
+        if self.method == "gptq":
+            rng = (", sym" if self.symmetric else "") + (", act-order" if self.act_order else "")
+            rng += ", static groups" if self.static_groups else ""
         clip = f", clip {self.clip}" if self.clip != "minmax" else ""
         acts = {"none": "", "static": f", A8 static {self.activation_range}", "dynamic": ", A8 dynamic"}
         return f"{self.method} int{self.bits} {grid}{rng}{clip}{acts.get(self.activations, '')}"
@@ -81,6 +89,10 @@ class SchemeConfig:
             raise QuantkitError(
                 f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {self.activations!r}"
             )
+        if not 0 < self.damp < 1:
+            raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise QuantkitError(f"block size must be positive, got {self.block_size}")
         from quantkit.calib.ranges import RANGE_SELECTORS
 
         RANGE_SELECTORS.get(self.activation_range)
