@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from quantkit.calib.artifact import check_model, load_calibration
-from quantkit.calib.observers import LayerObserver, Statistics
+from quantkit.calib.observers import LayerTaps, Statistics
 from quantkit.calib.run import CalibrationSettings, calibrate
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
@@ -37,10 +37,10 @@ def _run_pipeline(path: Path, ids: torch.Tensor, batch_size: int, observer_stats
     states = pipeline.capture(ids, batch_size)
     for index in range(pipeline.num_layers):
         layer = pipeline.load_layer(index)
-        observer = LayerObserver(observer_stats if observer_stats is not None else Statistics(), pipeline.arch,
-                                 all_experts=all_experts)
-        with observer.attach(pipeline.layer_prefix(index), layer):
-            states = pipeline.run_layer(layer, states, on_batch=observer.next_batch)
+        stats = observer_stats if observer_stats is not None else Statistics()
+        taps = LayerTaps(stats.observe, pipeline.arch, stats.aliases, all_experts=all_experts)
+        with taps.attach(pipeline.layer_prefix(index), layer):
+            states = pipeline.run_layer(layer, states, on_batch=taps.next_batch)
         pipeline.release(layer)
     head = pipeline.load("lm_head")
     return torch.cat([head(h) for h in pipeline.final_norm(states)])

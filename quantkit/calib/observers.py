@@ -11,6 +11,8 @@ or one fused expert parameter (``model.layers.1.mlp.experts.gate_up_proj``, whos
 
 Linears fed the very same tensor (q/k/v, gate/up) share one site: the later ones are
 recorded as aliases of the first, decided on the first batch and checked on every batch.
+:class:`LayerTaps` finds the inputs and hands them to a sink: :meth:`Statistics.observe` for
+calibration, Hessian accumulation for GPTQ.
 """
 
 from __future__ import annotations
@@ -72,17 +74,43 @@ class Statistics:
 
     sites: dict[str, SiteStats] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)  # module name -> site it shares an input with
+    num_bins: int = DEFAULT_BINS
 
     def site(self, name: str) -> SiteStats:
         return self.sites[self.aliases.get(name, name)]
 
+    def observe(self, name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
+        """A :data:`InputSink`: add ``x`` to the statistics of site ``name``, expert ``expert``."""
+        self._site(name, num_experts, x.shape[-1]).observe(x, expert)
 
-class LayerObserver:
-    """Hooks on one loaded decoder layer that feed :class:`Statistics` batch by batch."""
+    def add_routed(self, name: str, num_experts: int, in_features: int, counts: torch.Tensor) -> None:
+        """A :data:`RoutingSink`: tokens the router sent to each expert of site ``name``."""
+        self._site(name, num_experts, in_features).routed += counts
 
-    def __init__(self, stats: Statistics, arch: ArchSpec, num_bins: int = DEFAULT_BINS,
-                 all_experts: bool = False) -> None:
-        self.stats, self.arch, self.num_bins, self.all_experts = stats, arch, num_bins, all_experts
+    def _site(self, name: str, num_experts: int, in_features: int) -> SiteStats:
+        site = self.sites.get(name)
+        if site is None:
+            site = SiteStats(name, in_features, num_experts, self.num_bins)
+            self.sites[name] = site
+        return site
+
+
+InputSink = Callable[[str, int, int, torch.Tensor], None]  # (site, experts, expert, 2-D input)
+RoutingSink = Callable[[str, int, int, torch.Tensor], None]  # (site, experts, in_features, tokens per expert)
+
+
+class LayerTaps:
+    """Hooks on one loaded decoder layer that hand every quantizable linear's input to a sink.
+
+    ``aliases`` (module -> site) is filled on the first batch and checked on the others; ``only``
+    restricts the taps to some sites (GPTQ's sequential steps). Call :meth:`next_batch` before
+    each batch.
+    """
+
+    def __init__(self, sink: InputSink, arch: ArchSpec, aliases: dict[str, str], *, all_experts: bool = False,
+                 routing: RoutingSink | None = None, only: set[str] | None = None) -> None:
+        self.sink, self.arch, self.aliases = sink, arch, aliases
+        self.all_experts, self.routing, self.only = all_experts, routing, only
         self._seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, str]] = {}
         self._first_batch = True
 
@@ -94,12 +122,12 @@ class LayerObserver:
 
     @contextlib.contextmanager
     def attach(self, prefix: str, layer: nn.Module) -> Iterator[None]:
-        """Observe every quantizable linear and fused experts module of ``layer`` (named under ``prefix``)."""
+        """Tap every quantizable linear and fused experts module of ``layer`` (named under ``prefix``)."""
         with contextlib.ExitStack() as stack:
             for name, module in layer.named_modules():
                 full = f"{prefix}.{name}" if name else prefix
                 if isinstance(module, nn.Linear) and self._quantizable(f"{full}.weight"):
-                    handle = module.register_forward_pre_hook(self._linear_hook(full, module.in_features))
+                    handle = module.register_forward_pre_hook(self._linear_hook(full))
                     stack.callback(handle.remove)
                 elif is_fused_experts(module):
                     tap, on_routing = self._expert_taps(full, module)
@@ -108,14 +136,13 @@ class LayerObserver:
             yield
             self.next_batch()
 
-    def observe_input(self, name: str, x: torch.Tensor) -> None:
-        """Feed one module's input directly (e.g. ``lm_head`` after the final norm)."""
-        self._site(name, 1, x.shape[-1]).observe(x)
+    def _wanted(self, site: str) -> bool:
+        return self.only is None or site in self.only
 
     def _quantizable(self, memory_weight: str) -> bool:
         return self.arch.role(self.arch.disk_name(memory_weight)) in QUANTIZABLE_ROLES
 
-    def _linear_hook(self, name: str, in_features: int):  # -> forward pre-hook
+    def _linear_hook(self, name: str):  # -> forward pre-hook
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
@@ -125,16 +152,17 @@ class LayerObserver:
                 return
             self._check_alias(name, name)
             self._seen[key] = (x, name)  # holding x keeps its memory from being reused this batch
-            self._site(name, 1, in_features).observe(x)
+            if self._wanted(name):
+                self.sink(name, 1, 0, x.detach().reshape(-1, x.shape[-1]))
 
         return hook
 
     def _check_alias(self, name: str, site: str) -> None:
         if self._first_batch:
             if site != name:
-                self.stats.aliases[name] = site
+                self.aliases[name] = site
             return
-        if self.stats.aliases.get(name, name) != site:
+        if self.aliases.get(name, name) != site:
             raise QuantkitError(f"{name} shared its input with {site} in one batch but not in another")
 
     def _expert_taps(self, name: str, module: Any) -> tuple[ExpertTap, Callable[[torch.Tensor], None]]:
@@ -142,18 +170,16 @@ class LayerObserver:
         inter = module.down_proj.shape[2]
 
         def tap(param: str, expert: int, x: torch.Tensor) -> None:
-            self._site(f"{name}.{param}", num_experts, x.shape[-1]).observe(x, expert)
+            site = f"{name}.{param}"
+            if self._wanted(site):
+                self.sink(site, num_experts, expert, x.detach())
 
         def on_routing(top_k_index: torch.Tensor) -> None:
+            if self.routing is None:
+                return
             counts = torch.bincount(top_k_index.flatten().cpu(), minlength=num_experts + 1)[:num_experts]
             for param, width in (("gate_up_proj", in_features), ("down_proj", inter)):
-                self._site(f"{name}.{param}", num_experts, width).routed += counts
+                if self._wanted(f"{name}.{param}"):
+                    self.routing(f"{name}.{param}", num_experts, width, counts)
 
         return tap, on_routing
-
-    def _site(self, name: str, num_experts: int, in_features: int) -> SiteStats:
-        site = self.stats.sites.get(name)
-        if site is None:
-            site = SiteStats(name, in_features, num_experts, self.num_bins)
-            self.stats.sites[name] = site
-        return site

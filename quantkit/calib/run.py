@@ -14,7 +14,7 @@ from rich.console import Console
 
 from quantkit.calib.artifact import PLOTS_DIR, Calibration, save_calibration, starved_experts
 from quantkit.calib.data import calibration_windows
-from quantkit.calib.observers import LayerObserver, SiteStats, Statistics
+from quantkit.calib.observers import LayerTaps, SiteStats, Statistics
 from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
 from quantkit.formats.sharded import atomic_directory
@@ -70,19 +70,19 @@ def calibrate(
     seq_len = _check_seq_len(settings.seq_len, pipeline.config)
     windows = calibration_windows(settings.dataset, load_tokenizer(checkpoint.path), settings.num_samples, seq_len,
                                   settings.seed, settings.text_field, settings.split)
-    stats = Statistics()
+    stats = Statistics(num_bins=settings.bins)
     states = pipeline.capture(windows.input_ids, settings.batch_size)
     for index in track(range(pipeline.num_layers), "calibrating layers", show_progress, console):
         layer = pipeline.load_layer(index)
-        observer = LayerObserver(stats, pipeline.arch, settings.bins, settings.all_experts)
-        with observer.attach(pipeline.layer_prefix(index), layer):
-            states = pipeline.run_layer(layer, states, on_batch=observer.next_batch)
+        taps = LayerTaps(stats.observe, pipeline.arch, stats.aliases, all_experts=settings.all_experts,
+                         routing=stats.add_routed)
+        with taps.attach(pipeline.layer_prefix(index), layer):
+            states = pipeline.run_layer(layer, states, on_batch=taps.next_batch)
         pipeline.release(layer)
     head = pipeline.output_head_name()
     if head is not None and pipeline.arch.role(pipeline.arch.disk_name(f"{head}.weight")) in QUANTIZABLE_ROLES:
-        observer = LayerObserver(stats, pipeline.arch, settings.bins)
         for hidden in pipeline.final_norm(states):
-            observer.observe_input(head, hidden)
+            stats.observe(head, 1, 0, hidden.reshape(-1, hidden.shape[-1]))
     calibration = Calibration(stats, {
         "model": str(checkpoint.path),
         "model_type": checkpoint.model_type,
