@@ -6,12 +6,25 @@ Per quantized linear ``M`` (module name, e.g. ``model.layers.0.self_attn.q_proj`
     M.weight_scale       float [out, in / g] | [out, 1] | [1]
     M.weight_zero_point  int32 [ceil(out * b / 32), in / g]  asymmetric only (packed along dim 0)
     M.weight_shape       int64 [2]                           (out, in)
+    M.weight_g_idx       int32 [in]                          act-order groups only (see below)
     M.input_scale        float [1]                           static INT8 activations only
 
 ``config.json`` gains ``quantization_config`` with one config group per distinct scheme;
 each group's ``targets`` are anchored ``re:`` patterns that match exactly its modules, and
 ``input_activations`` says whether inputs are quantized too (INT8, static per tensor or
 dynamic per token, see :mod:`quantkit.schemes.activations`).
+
+Act-order: GPTQ with act-order and without static groups gives column ``c`` the scale column
+``g_idx[c]`` (groups are not contiguous, each still holds ``g`` columns). The group's weights
+args then carry ``"actorder": "group"`` and each module a ``weight_g_idx``; readers apply it only
+under that setting (compressed-tensors <= 0.18 ``PackedQuantizationCompressor``, vLLM's WNA16
+``has_g_idx = actorder == ActivationOrdering.GROUP``). compressed-tensors <= 0.18 sorts the
+columns by ``g_idx`` (``argsort``), applies contiguous groups and undoes the sort, which equals
+``W[:, c] = (q[:, c] - z[:, g_idx[c]]) * s[:, g_idx[c]]``. compressed-tensors 0.19 removed
+``actorder: "group"``: its ``QuantizationArgs`` rejects it, so transformers (or vLLM) running with
+it cannot load such a checkpoint; quantkit's loader reads it. Act-order with contiguous groups
+(static groups, or per channel) needs no ``g_idx`` and is written as ``"actorder": "weight"``
+(calibration-only metadata that every version accepts).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from quantkit.formats.packing import pack_int32, unpack_int32
 from quantkit.schemes.base import ACTIVATION_BITS, IntQuantized, SchemeConfig, dequantize_codes
 
 FORMAT = "pack-quantized"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
 
 
 def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
@@ -44,7 +57,59 @@ def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
         out[f"{module}.weight_zero_point"] = (
             zero_point.contiguous() if zero_point.ndim == 1 else pack_int32(zero_point, bits, dim=0)
         )
+    g_idx = _checked_g_idx(module, quantized)
+    if g_idx is not None:
+        out[f"{module}.weight_g_idx"] = g_idx
     return out
+
+
+def group_actorder(config: SchemeConfig) -> bool:
+    """Whether ``config`` makes non-contiguous groups (GPTQ act-order without static groups)."""
+    return config.act_order and config.granularity == "group" and not config.static_groups
+
+
+def is_symmetric(config: SchemeConfig) -> bool:
+    """Whether ``config`` quantizes without zero points (absmax, or GPTQ on the symmetric grid)."""
+    return config.method == "absmax" or (config.method == "gptq" and config.symmetric)
+
+
+def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """The group map of contiguous groups: column ``c`` belongs to group ``c // group_size``."""
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def _checked_g_idx(module: str, quantized: IntQuantized) -> torch.Tensor | None:
+    """The ``weight_g_idx`` to write (int32), or None when the groups are contiguous.
+
+    Written when the scheme has group act-order (:func:`group_actorder`; contiguous when the
+    quantizer gave no ``g_idx``) or when ``quantized.g_idx`` is not contiguous. Readers apply it only
+    under ``"actorder": "group"``, so such a module must sit in a config group made from a scheme
+    with group act-order (the caller's GPTQ ``SchemeConfig``), as :func:`quantization_config` does.
+    """
+    config, g_idx = quantized.config, quantized.g_idx
+    in_features = quantized.shape[1]
+    if quantized.scale.ndim != 2 or (g_idx is None and not group_actorder(config)):
+        return None
+    n_groups = quantized.scale.shape[1]
+    contiguous = contiguous_g_idx(in_features, in_features // n_groups)
+    if g_idx is None:
+        return contiguous
+    g_idx = validate_g_idx(module, g_idx, n_groups, in_features)
+    return g_idx if group_actorder(config) or not torch.equal(g_idx, contiguous) else None
+
+
+def validate_g_idx(module: str, g_idx: torch.Tensor, n_groups: int, in_features: int) -> torch.Tensor:
+    """``g_idx`` as int32 after checking it maps ``in_features`` columns onto ``n_groups`` equal groups.
+
+    Readers sort the columns by ``g_idx`` and cut contiguous groups, so every group needs the same
+    number of columns (GPTQ's act-order map ``g_idx[perm[i]] = i // group_size`` has that).
+    """
+    g_idx = g_idx.to(torch.int32).contiguous()
+    size = in_features // n_groups
+    ok = g_idx.shape == (in_features,) and bool((g_idx >= 0).all()) and bool((g_idx < n_groups).all())
+    if not ok or bool((torch.bincount(g_idx.to(torch.long), minlength=n_groups) != size).any()):
+        raise ValueError(f"{module}: g_idx must give each of the {n_groups} groups exactly {size} columns")
+    return g_idx
 
 
 def decode(tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
@@ -58,20 +123,26 @@ def decode(tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> torch.Tens
     if zero_point is not None and zero_point.dtype == torch.int32 and scale.ndim == 2:
         zero_point = unpack_int32(zero_point, bits, (shape[0], scale.shape[1]), dim=0)
     group_size = args.get("group_size")
-    return dequantize_codes(codes, scale, zero_point, int(group_size) if group_size else None)
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None and (scale.ndim != 2 or bool((g_idx == -1).any())):  # -1: never set (column order)
+        g_idx = None
+    return dequantize_codes(codes, scale, zero_point, int(group_size) if group_size else None, g_idx)
 
 
 def weight_args(config: SchemeConfig) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` for one scheme."""
-    return {
+    args: dict[str, Any] = {
         "num_bits": config.bits,
         "type": "int",
-        "symmetric": config.method == "absmax",
+        "symmetric": is_symmetric(config),
         "group_size": config.group_size if config.granularity == "group" else None,
         "strategy": config.granularity,
         "dynamic": False,
         "observer": "minmax",
     }
+    if config.act_order:  # absent otherwise, as compressed-tensors serializes None
+        args["actorder"] = "group" if group_actorder(config) else "weight"
+    return args
 
 
 def input_activation_args(config: SchemeConfig) -> dict[str, Any] | None:

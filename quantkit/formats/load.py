@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import compressed_tensors
+from quantkit.formats import compressed_tensors, gptq_v1
+from quantkit.jsonfile import read_json_object
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.experts import ExpertTap, install_eager_experts
@@ -18,7 +19,14 @@ from quantkit.schemes.activations import fake_quantize_dynamic, fake_quantize_st
 
 
 def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """On-disk names -> float tensors, with every quantized module's weight dequantized."""
+    """On-disk names -> float tensors, with every quantized module's weight dequantized.
+
+    Reads compressed-tensors ``pack-quantized`` and GPTQ (``quant_method: "gptq"``, v1 or v2)
+    checkpoints; a GPTQ config may also come from ``quantize_config.json`` alone.
+    """
+    gptq_config = _gptq_config(checkpoint)
+    if gptq_config is not None:
+        return _dequantized_gptq_state(checkpoint, gptq_config)
     quant_config = checkpoint.config.get("quantization_config")
     groups = compressed_tensors.module_args(quant_config) if quant_config else []
     modules = {n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")}
@@ -35,11 +43,42 @@ def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return state
 
 
+def _gptq_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The GPTQ quantization config of ``checkpoint``, or None when it is not a GPTQ checkpoint."""
+    quant_config = checkpoint.config.get("quantization_config")
+    if quant_config:
+        return quant_config if quant_config.get("quant_method") == gptq_v1.QUANT_METHOD else None
+    file = checkpoint.path / gptq_v1.QUANTIZE_CONFIG_FILE
+    if file.is_file() and any(n.endswith(".qweight") for n in checkpoint.tensors):
+        file_config = read_json_object(file)  # AutoGPTQ's older files have no quant_method
+        return file_config if file_config.get("quant_method", gptq_v1.QUANT_METHOD) == gptq_v1.QUANT_METHOD else None
+    return None
+
+
+def _dequantized_gptq_state(checkpoint: Checkpoint, quant_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    fmt = gptq_v1.checkpoint_format(quant_config)
+    modules = {n.removesuffix(".qweight") for n in checkpoint.tensors if n.endswith(".qweight")}
+    state: dict[str, torch.Tensor] = {}
+    for name in checkpoint.tensors:
+        module, _, suffix = name.rpartition(".")
+        if module in modules and suffix in gptq_v1.SUFFIXES:
+            continue
+        state[name] = checkpoint.get(name)
+    for module in sorted(modules):
+        args = gptq_v1.module_args(quant_config, module)
+        if args is None:
+            raise QuantkitError(f"{checkpoint.path}: {module} has GPTQ tensors but the config's dynamic skips it")
+        parts = {s: checkpoint.get(f"{module}.{s}") for s in gptq_v1.SUFFIXES if f"{module}.{s}" in checkpoint}
+        state[f"{module}.weight"] = gptq_v1.decode(parts, int(args["bits"]), fmt)
+    return state
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
     """Load a quantkit output (or any float checkpoint) as a float ``transformers`` model.
 
-    Weights are dequantized exactly as compressed-tensors does, then cast to ``dtype``
-    (default: the checkpoint's ``dtype``/``torch_dtype``).
+    Weights are dequantized exactly as compressed-tensors does (GPTQ checkpoints: as AutoGPTQ's
+    reference dequantization, in fp16), then cast to ``dtype`` (default: the checkpoint's
+    ``dtype``/``torch_dtype``).
     """
     import transformers
 
@@ -74,7 +113,7 @@ def simulate_input_quantization(model: Any, checkpoint: Checkpoint) -> int:
     experts forward, which quantizes each expert's inputs with that expert's own scale.
     """
     quant_config = checkpoint.config.get("quantization_config")
-    if not quant_config:
+    if not quant_config or quant_config.get("quant_method") == gptq_v1.QUANT_METHOD:  # GPTQ: weight-only
         return 0
     arch = get_arch(checkpoint.model_type)
     groups = compressed_tensors.module_args(quant_config)

@@ -115,12 +115,17 @@ class IntQuantized:
 
     ``codes`` int8 ``[out, in]``; ``scale`` and ``zero_point`` ``[out, n_groups]`` for
     channel (n_groups = 1) and group granularity, ``[1]`` for tensor granularity.
+
+    ``g_idx`` (int32 ``[in]``, optional) maps each input column to its scale column: column ``c``
+    uses ``scale[:, g_idx[c]]``. GPTQ with act-order (without static groups) makes groups that are
+    not contiguous; without ``g_idx`` column ``c`` belongs to group ``c // group_size``.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor | None
     config: SchemeConfig
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,7 +133,7 @@ class IntQuantized:
 
     def dequantize(self) -> torch.Tensor:
         """The float weight, computed exactly as compressed-tensors does (in the scale's dtype)."""
-        return dequantize_codes(self.codes, self.scale, self.zero_point, self.config.group_size)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.config.group_size, self.g_idx)
 
     @property
     def bits_per_weight(self) -> float:
@@ -201,15 +206,29 @@ def scale_shape(config: SchemeConfig, weight: torch.Tensor) -> tuple[int, ...]:
 
 
 def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int | None
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    group_size: int | None,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(codes - zero_point) * scale`` broadcast over groups, in ``scale.dtype``."""
+    """``(codes - zero_point) * scale`` broadcast over groups, in ``scale.dtype``.
+
+    With ``g_idx`` (int ``[in]``), column ``c`` uses scale and zero-point column ``g_idx[c]``
+    (act-order groups); otherwise groups are contiguous runs of ``in / n_groups`` columns.
+    """
     out_features, in_features = codes.shape
     if scale.ndim == 1:  # per-tensor
         values = codes.to(scale.dtype)
         if zero_point is not None:
             values = values - zero_point.to(scale.dtype)
         return values * scale
+    if g_idx is not None:
+        index = g_idx.to(torch.long)
+        values = codes.to(scale.dtype)
+        if zero_point is not None:
+            values = values - zero_point.to(scale.dtype)[:, index]
+        return values * scale[:, index]
     n_groups = scale.shape[1]
     grouped = codes.reshape(out_features, n_groups, in_features // n_groups).to(scale.dtype)
     if zero_point is not None:
