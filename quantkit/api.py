@@ -7,6 +7,7 @@ import resource
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,19 @@ import torch
 from rich.console import Console
 
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
-from quantkit.calib.run import CalibrationSettings, calibrate
+from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors
 from quantkit.formats.sharded import ShardedWriter, atomic_directory
+from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.model.archs.base import LINEAR_ROLES
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.pipeline import LayerPipeline
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
 from quantkit.progress import track
 from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
-from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
+from quantkit.schemes import SCHEMES, IntQuantized, Quantized, SchemeConfig
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
 
@@ -91,6 +94,7 @@ def quantize(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     seed: int = 0,
     calibration: str | Path | None = None,
+    data: CalibrationSettings | None = None,
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -98,7 +102,8 @@ def quantize(
     """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically.
 
     ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
-    static activations take their input scales from it.
+    static activations take their input scales from it. GPTQ runs on the windows ``data``
+    describes, or else on the calibration's own windows (same data, samples, length and seed).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -125,23 +130,45 @@ def quantize(
         )
     assignments: dict[str, SchemeConfig] = {}
     float_modules: list[str] = []
+    hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
+    gptq_data = _gptq_data(hessian_items, data, calib)
+
+    def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
+        if item.scheme is not None and item.scheme.activations == "static":
+            assert calib is not None
+            _write_input_scale(item, weight, calib, plan, writer, record)
+        report.tensors.append(record)
+        if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
+            assignments[item.module] = item.scheme
+        elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
+            float_modules.append(item.module)
+
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
+        if gptq_data is not None:
+            for layer in _gptq_layers(checkpoint, hessian_items, gptq_data, show_progress, console):
+                report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
+                                           "weights": len(layer.weights)})
+                for result in layer.weights:
+                    item = hessian_items[result.name]
+                    record = _write_tensor(item, result.original, writer, result.quantized)
+                    record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
+                                   "tokens": result.tokens, "fallback": result.fallback}
+                    finish(item, result.original, record)
+            report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len,
+                           "dataset": gptq_data.dataset or "bundled default", "all_experts": gptq_data.all_experts,
+                           "min_expert_tokens": gptq_data.min_expert_tokens}
         for source in track(plan.sources, "quantizing", show_progress, console):
+            if all(item.name in hessian_items for item in source.outputs):
+                continue
             tensor = checkpoint.get(source.source)
             views = plan.arch.per_expert_view(source.source, tensor)
             for item in source.outputs:
+                if item.name in hessian_items:
+                    continue
                 weight = views[item.name]
                 _check_finite(item.name, weight, checkpoint)
-                record = _write_tensor(item, weight, writer)
-                if item.scheme is not None and item.scheme.activations == "static":
-                    assert calib is not None
-                    _write_input_scale(item, weight, calib, plan, writer, record)
-                report.tensors.append(record)
-                if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
-                    assignments[item.module] = item.scheme
-                elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
-                    float_modules.append(item.module)
+                finish(item, weight, _write_tensor(item, weight, writer))
             del tensor, views
         writer.finish()
         config = dict(checkpoint.config)
@@ -186,16 +213,46 @@ def _write_input_scale(item: TensorPlan, weight: torch.Tensor, calib: Calibratio
     record.input_amax, record.input_tokens, record.input_fallback = amax, tokens, fallback
 
 
-def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter) -> TensorRecord:
-    """Quantize (or copy) one weight into ``writer`` and describe what was done."""
-    bytes_before = weight.numel() * weight.element_size()
+def _needs_hessian(scheme: SchemeConfig) -> bool:
+    return SCHEMES.get(scheme.method).needs_hessian
+
+
+def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
+               calib: Calibration | None) -> CalibrationSettings | None:
+    """The calibration windows GPTQ runs on: ``data``, else the calibration's, else the bundled text's."""
+    if not items:
+        return None
+    if data is not None:
+        return data
+    return settings_of(calib) if calib is not None else CalibrationSettings()
+
+
+def _gptq_layers(checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings,
+                 show_progress: bool, console: Console | None) -> Iterator[LayerResult]:
+    """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer)."""
+    pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
+    windows = windows_for(checkpoint, data)
+    states = pipeline.capture(windows.input_ids, data.batch_size)
+    schemes = {name: item.scheme for name, item in items.items() if item.scheme is not None}
+    layers = gptq_layers(pipeline, states, schemes, all_experts=data.all_experts,
+                         min_expert_tokens=data.min_expert_tokens)
+    steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
+    for _, layer in zip(track(range(steps), "GPTQ layers", show_progress, console), layers, strict=False):
+        yield layer
+
+
+def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
+                  quantized: Quantized | None = None) -> TensorRecord:
+    """Quantize (or copy) one weight into ``writer`` and describe what was done; ``quantized``: done already."""
+    bytes_before = weight.numel() * item.dtype.itemsize
     scheme = item.scheme
     if scheme is None:
         writer.add(item.name, weight)
         return TensorRecord(item.name, item.role.value, "float", None, None, None, list(item.shape),
                             str(weight.dtype).removeprefix("torch."), weight.element_size() * 8.0,
                             bytes_before, bytes_before, None)
-    quantized = SCHEMES.get(scheme.method).quantize(weight, scheme)
+    if quantized is None:
+        quantized = SCHEMES.get(scheme.method).quantize(weight, scheme)
     if isinstance(quantized, IntQuantized):
         tensors = compressed_tensors.encode(item.module, quantized)
     else:
@@ -211,7 +268,7 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter)
         group_size=scheme.group_size,
         granularity=scheme.granularity if isinstance(quantized, IntQuantized) else None,
         shape=list(item.shape),
-        dtype=str(weight.dtype).removeprefix("torch."),
+        dtype=str(item.dtype).removeprefix("torch."),
         bits_per_weight=quantized.bits_per_weight,
         bytes_before=bytes_before,
         bytes_after=bytes_after,

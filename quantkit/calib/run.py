@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from quantkit.calib.artifact import PLOTS_DIR, Calibration, save_calibration, starved_experts
-from quantkit.calib.data import calibration_windows
+from quantkit.calib.data import DEFAULT_SOURCE, calibration_windows
 from quantkit.calib.observers import LayerTaps, SiteStats, Statistics
 from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
@@ -56,8 +56,6 @@ def calibrate(
     console: Console | None = None,
 ) -> Calibration:
     """Gather per-site (and per-expert) activation statistics of ``model`` into the directory ``out``."""
-    from quantkit.eval.run import load_tokenizer
-
     started = time.perf_counter()
     if settings.min_expert_tokens < 0:
         raise QuantkitError(f"--min-expert-tokens must not be negative, got {settings.min_expert_tokens}")
@@ -67,9 +65,8 @@ def calibrate(
     if "quantization_config" in checkpoint.config:
         raise QuantkitError(f"{checkpoint.path} is already quantized; calibrate the float model")
     pipeline = LayerPipeline(checkpoint, torch.float32, settings.device)
-    seq_len = _check_seq_len(settings.seq_len, pipeline.config)
-    windows = calibration_windows(settings.dataset, load_tokenizer(checkpoint.path), settings.num_samples, seq_len,
-                                  settings.seed, settings.text_field, settings.split)
+    windows = windows_for(checkpoint, settings)
+    seq_len = int(windows.input_ids.shape[1])
     stats = Statistics(num_bins=settings.bins)
     states = pipeline.capture(windows.input_ids, settings.batch_size)
     for index in track(range(pipeline.num_layers), "calibrating layers", show_progress, console):
@@ -88,6 +85,8 @@ def calibrate(
         "model_type": checkpoint.model_type,
         "model_fingerprint": checkpoint.fingerprint(),
         "dataset": windows.source,
+        "text_field": settings.text_field,
+        "split": settings.split,
         "num_samples": settings.num_samples,
         "seq_len": seq_len,
         "seed": settings.seed,
@@ -111,6 +110,27 @@ def calibrate(
     if imatrix_out is not None:
         export_imatrix(calibration, checkpoint, Path(imatrix_out))
     return calibration
+
+
+def windows_for(checkpoint: Checkpoint, settings: CalibrationSettings) -> Any:
+    """The calibration windows ``settings`` describe, tokenized with ``checkpoint``'s tokenizer."""
+    from quantkit.eval.run import load_tokenizer
+
+    seq_len = _check_seq_len(settings.seq_len, checkpoint.config)
+    return calibration_windows(settings.dataset, load_tokenizer(checkpoint.path), settings.num_samples, seq_len,
+                               settings.seed, settings.text_field, settings.split)
+
+
+def settings_of(calibration: Calibration) -> CalibrationSettings:
+    """The settings that reproduce ``calibration``'s windows (same data, samples, length, seed)."""
+    meta = calibration.metadata
+    dataset = meta["dataset"]
+    return CalibrationSettings(
+        dataset=None if dataset == DEFAULT_SOURCE else dataset, num_samples=int(meta["num_samples"]),
+        seq_len=int(meta["seq_len"]), seed=int(meta["seed"]), text_field=meta.get("text_field", "text"),
+        split=meta.get("split"), all_experts=bool(meta["all_experts"]),
+        min_expert_tokens=int(meta["min_expert_tokens"]),
+    )
 
 
 def export_imatrix(calibration: Calibration, checkpoint: Checkpoint, path: Path) -> None:
@@ -176,8 +196,8 @@ def _outlier_ratio(site: SiteStats) -> float:
     return hist.absmax / p if p > 0 else 0.0
 
 
-def _check_seq_len(seq_len: int | None, config: Any) -> int:
-    limit = getattr(config, "max_position_embeddings", None)
+def _check_seq_len(seq_len: int | None, config: dict[str, Any]) -> int:
+    limit = config.get("max_position_embeddings")
     if seq_len is None:
         return min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
     if limit and seq_len > limit:

@@ -34,6 +34,7 @@ class TensorRecord:
     input_amax: float | None = None  # static INT8 activations: the calibrated clipping range
     input_tokens: int | None = None  # calibration tokens behind it (this expert's, for routed experts)
     input_fallback: str | None = None  # why the range is not this tensor's own (starved expert)
+    gptq: dict[str, Any] | None = None  # GPTQ: loss, damp, retries, tokens, fallback
 
 
 @dataclass
@@ -49,6 +50,8 @@ class QuantReport:
     output: str | None = None
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # the calibration used: path, dataset, tokens, flagged experts
+    gptq: dict[str, Any] | None = None  # GPTQ's calibration windows and MoE options
+    gptq_layers: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer: seconds, weights
 
     @property
     def bytes_before(self) -> int:
@@ -88,6 +91,8 @@ class QuantReport:
             "by_role": self.by_role(),
             "notes": self.notes,
             "calibration": self.calibration,
+            "gptq": self.gptq,
+            "gptq_layers": self.gptq_layers,
             "tensors": [asdict(t) for t in self.tensors],
         }
 

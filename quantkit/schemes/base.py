@@ -167,6 +167,7 @@ class Scheme(ABC):
     """A registered quantization method."""
 
     integer: bool = True
+    needs_hessian: bool = False  # quantized by the layer-by-layer GPTQ pipeline, not tensor by tensor
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> Quantized:
@@ -244,5 +245,6 @@ def estimate_bits_per_weight(config: SchemeConfig, shape: tuple[int, ...], scale
     n_scales = {"tensor": 1, "channel": out_features}.get(
         config.granularity, out_features * in_features // (config.group_size or in_features)
     )
-    per_scale = scale_bits + (config.bits if config.method == "zeropoint" else 0)
+    has_zero_point = config.method == "zeropoint" or (config.method == "gptq" and not config.symmetric)
+    per_scale = scale_bits + (config.bits if has_zero_point else 0)
     return config.bits + n_scales * per_scale / (out_features * in_features)

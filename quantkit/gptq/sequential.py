@@ -1,0 +1,256 @@
+"""GPTQ over a model: decoder layers one at a time, true-sequential inside each layer.
+
+For each layer (:class:`~quantkit.pipeline.LayerPipeline`)::
+
+    order = the layer's input sites in execution order      (one batch, taps only)
+    for site in order:                                      (q/k/v... -> o_proj -> gate/up -> down)
+        H = Hessian of the site's inputs over every batch   (earlier sites already quantized)
+        solve GPTQ for every weight fed by the site         (experts: one batched solve)
+        write the dequantized Q back into the layer
+    inputs of layer i+1 = layer i's outputs with every weight quantized
+
+Routed experts: one Hessian per expert from the tokens routed to it (every token with
+``all_experts``); gate and up share it (one solve of the fused ``[E, 2I, H]`` weight, rows are
+independent in GPTQ). An expert with fewer than ``min_expert_tokens`` tokens gets the blended
+Hessian ``(n H_e + (K - n) H_mean) / K`` (``n`` its tokens, ``K`` the threshold, ``H_mean`` the
+token-weighted mean of the layer's experts): the missing tokens are stood in for by the layer's
+typical input. With no token at all in any expert, H is the identity: round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.calib.observers import LayerTaps
+from quantkit.errors import QuantkitError
+from quantkit.gptq.hessian import HessianAccumulator
+from quantkit.gptq.solver import GptqResult, gptq_quantize
+from quantkit.model.experts import is_fused_experts
+from quantkit.pipeline import LayerPipeline, LayerStates
+from quantkit.schemes.base import IntQuantized, SchemeConfig, storage_dtype
+
+
+@dataclass
+class GptqWeight:
+    """One quantized on-disk weight and how GPTQ got there."""
+
+    name: str
+    original: torch.Tensor  # the float weight before quantization
+    quantized: IntQuantized
+    loss: float  # the reference's sum of (w - q)^2 / d^2 / 2
+    damp: float  # dampening used, as a fraction of mean(diag(H))
+    retries: int
+    tokens: int  # calibration tokens behind the Hessian
+    fallback: str | None  # why the Hessian is not (only) this weight's own
+
+
+@dataclass
+class LayerResult:
+    index: int
+    weights: list[GptqWeight]
+    seconds: float
+
+
+def gptq_layers(
+    pipeline: LayerPipeline,
+    states: LayerStates,
+    schemes: dict[str, SchemeConfig],
+    *,
+    all_experts: bool = False,
+    min_expert_tokens: int = 16,
+    scale_dtype: torch.dtype | None = None,
+) -> Iterator[LayerResult]:
+    """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer."""
+    solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype)
+    for index in range(pipeline.num_layers):
+        started = time.perf_counter()
+        layer = pipeline.load_layer(index)
+        prefix = pipeline.layer_prefix(index)
+        weights: list[GptqWeight] = []
+        aliases: dict[str, str] = {}
+        for site in _site_order(pipeline, layer, prefix, states, aliases):
+            weights += solver.solve_site(layer, prefix, site, aliases, states)
+        states.hidden = _quantized_outputs(pipeline, layer, prefix, states).hidden
+        pipeline.release(layer)
+        yield LayerResult(index, weights, time.perf_counter() - started)
+    head = pipeline.output_head_name()
+    if head is not None and pipeline.arch.disk_name(f"{head}.weight") in schemes:
+        started = time.perf_counter()
+        module: Any = pipeline.load(head)
+        hessian = HessianAccumulator(int(module.weight.shape[1]))
+        for hidden in pipeline.final_norm(states):
+            hessian.add(hidden.reshape(-1, hidden.shape[-1]))
+        weights = solver.solve_linears([(head, module)], hessian)
+        pipeline.release(module)
+        yield LayerResult(pipeline.num_layers, weights, time.perf_counter() - started)
+
+
+def _site_order(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
+                aliases: dict[str, str]) -> list[str]:
+    """The layer's input sites in the order the forward pass reaches them (first batch only)."""
+    order: list[str] = []
+
+    def record(site: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
+        if site not in order:
+            order.append(site)
+
+    taps = LayerTaps(record, pipeline.arch, aliases)
+    with taps.attach(prefix, layer):
+        pipeline.run_layer(layer, LayerStates(states.hidden[:1], states.kwargs), on_batch=taps.next_batch)
+    return order
+
+
+def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates) -> LayerStates:
+    """The layer's outputs with its quantized weights (experts through the same eager loop as the taps)."""
+    taps = LayerTaps(lambda *_: None, pipeline.arch, {}, only=set())
+    with taps.attach(prefix, layer):
+        return pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+
+
+class _Solver:
+    """Hessians and GPTQ solves for the sites of one layer at a time."""
+
+    def __init__(self, pipeline: LayerPipeline, schemes: dict[str, SchemeConfig], all_experts: bool,
+                 min_expert_tokens: int, scale_dtype: torch.dtype | None) -> None:
+        self.pipeline, self.arch, self.schemes = pipeline, pipeline.arch, schemes
+        self.all_experts, self.min_expert_tokens = all_experts, min_expert_tokens
+        self.scale_dtype = scale_dtype
+
+    def solve_site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str],
+                   states: LayerStates) -> list[GptqWeight]:
+        relative = site.removeprefix(f"{prefix}.")
+        owner = layer.get_submodule(relative.rpartition(".")[0]) if "." in relative else layer
+        if is_fused_experts(owner):
+            param = relative.rpartition(".")[2]
+            experts_prefix = site.rpartition(".")[0]
+            names = self._expert_names(experts_prefix, param, owner)
+            if not any(n in self.schemes for n in names):
+                return []
+            return self._solve_experts(site, owner, param, names, self._hessian(layer, prefix, site, states))
+        members = [site, *sorted(m for m, s in aliases.items() if s == site)]
+        linears = [(m, layer.get_submodule(m.removeprefix(f"{prefix}."))) for m in members]
+        linears = [(m, mod) for m, mod in linears if self.arch.disk_name(f"{m}.weight") in self.schemes]
+        if not linears:
+            return []
+        return self.solve_linears(linears, self._hessian(layer, prefix, site, states))
+
+    def solve_linears(self, linears: list[tuple[str, Any]], hessian: HessianAccumulator) -> list[GptqWeight]:
+        """One GPTQ solve per linear, all with the Hessian of their shared input."""
+        out = []
+        for name, module in linears:
+            disk = self.arch.disk_name(f"{name}.weight")
+            scheme = self.schemes[disk]
+            original = module.weight.detach().clone()
+            result = self._gptq(original, hessian.hessian, scheme, disk)
+            module.weight.data.copy_(result.dequantized.to(module.weight.dtype))
+            out.append(_record(disk, original, result, scheme, hessian.tokens[0], None))
+        return out
+
+    def _expert_names(self, experts_prefix: str, param: str, module: Any) -> list[str]:
+        """On-disk per-expert names (expert-major; gate before up) of the fused ``param``."""
+        assert self.arch.experts is not None
+        fused = getattr(module, param)
+        return list(self.arch.experts.fused_shapes(self.arch.disk_name(f"{experts_prefix}.{param}"),
+                                                   tuple(fused.shape)))
+
+    def _solve_experts(self, site: str, module: Any, param: str, names: list[str],
+                       hessian: HessianAccumulator) -> list[GptqWeight]:
+        """One batched solve of all experts of ``param`` (gate and up rows together: GPTQ rows are independent)."""
+        configs = {self.schemes.get(n) for n in names}
+        if len(configs) != 1 or None in configs:
+            raise QuantkitError(f"GPTQ quantizes all experts of {site} with one scheme; the recipe mixes them")
+        scheme = self.schemes[names[0]]
+        fused = getattr(module, param)
+        tokens = hessian.tokens
+        H, notes = self._starved_fallback(hessian.hessian, tokens)
+        original = fused.detach().clone()
+        result = self._gptq(original, H, scheme, names[0])
+        fused.data.copy_(result.dequantized.to(fused.dtype))
+        per_name = len(names) // fused.shape[0]  # 2 (gate, up) or 1 (down)
+        rows = fused.shape[1] // per_name
+        out = []
+        for e, part in enumerate(result.experts()):
+            for k, name in enumerate(names[e * per_name : (e + 1) * per_name]):
+                start, stop = k * rows, (k + 1) * rows
+                out.append(_record(name, original[e, start:stop], _slice_rows(part, start, stop), scheme, tokens[e],
+                                   notes.get(e)))
+        return out
+
+    def _starved_fallback(self, H: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Blend the Hessians of experts below ``min_expert_tokens`` with the layer's mean expert Hessian."""
+        total = sum(tokens)
+        k = self.min_expert_tokens
+        starved = [e for e, n in enumerate(tokens) if n < k]
+        if not starved:
+            return H, {}
+        notes: dict[int, str] = {}
+        if total == 0:
+            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+            return eye.expand_as(H).clone(), {e: "no calibration token reached any expert: round-to-nearest"
+                                              for e in range(len(tokens))}
+        weights = torch.tensor(tokens, dtype=H.dtype, device=H.device)
+        mean = (H * weights[:, None, None]).sum(0) / total
+        H = H.clone()
+        for e in starved:
+            n = tokens[e]
+            H[e] = (n * H[e] + (k - n) * mean) / k
+            notes[e] = f"{n} tokens (< {k}): Hessian blended with the layer's mean expert Hessian"
+        return H, notes
+
+    def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates) -> HessianAccumulator:
+        """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights)."""
+        accumulators: dict[str, HessianAccumulator] = {}
+
+        def add(name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
+            if name not in accumulators:
+                accumulators[name] = HessianAccumulator(x.shape[-1], num_experts if num_experts > 1 else None,
+                                                        device=x.device)
+            accumulators[name].add(x.float(), expert if num_experts > 1 else None)
+
+        taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only={site})
+        with taps.attach(prefix, layer):
+            self.pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+        if site not in accumulators:
+            raise QuantkitError(f"{site} received no calibration input")
+        return accumulators[site]
+
+    def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: SchemeConfig, name: str) -> GptqResult:
+        """GPTQ with ``scheme``'s options; scales rounded to the on-disk dtype of ``name``."""
+        return gptq_quantize(
+            weight, hessian, bits=scheme.bits, group_size=scheme.group_size if scheme.granularity == "group" else None,
+            symmetric=scheme.symmetric, act_order=scheme.act_order, static_groups=scheme.static_groups,
+            block_size=scheme.block_size, damp=scheme.damp, mse_clip=scheme.clip == "mse",
+            scale_dtype=self.scale_dtype or self._disk_dtype(name), name=name,
+        )
+
+    def _disk_dtype(self, name: str) -> torch.dtype:
+        checkpoint = self.pipeline.checkpoint
+        if name not in checkpoint.tensors and self.arch.experts is not None:  # experts stored fused on disk
+            match = self.arch.experts.per_expert_pattern.match(name)
+            assert match is not None
+            param = "down_proj" if match["proj"] == self.arch.experts.down else "gate_up_proj"
+            name = f"{match['layer']}{self.arch.experts.disk_block}.experts.{param}"
+        return storage_dtype(torch.empty(0, dtype=checkpoint.tensors[name].dtype))
+
+
+def _slice_rows(result: GptqResult, start: int, stop: int) -> GptqResult:
+    zero = result.zero_point[start:stop] if result.zero_point is not None else None
+    return GptqResult(codes=result.codes[start:stop], scale=result.scale[start:stop], zero_point=zero,
+                      g_idx=None if result.g_idx is None else result.g_idx.clone(),
+                      dequantized=result.dequantized[start:stop],
+                      row_loss=result.row_loss[start:stop], damp=result.damp, retries=result.retries,
+                      config=result.config)
+
+
+def _record(name: str, original: torch.Tensor, result: GptqResult, scheme: SchemeConfig, tokens: int,
+            fallback: str | None) -> GptqWeight:
+    quantized = IntQuantized(codes=result.codes, scale=result.scale, zero_point=result.zero_point, config=scheme,
+                             g_idx=result.g_idx)
+    return GptqWeight(name, original, quantized, float(result.loss), float(result.damp), int(result.retries),
+                      tokens, fallback)

@@ -1,0 +1,103 @@
+"""GPTQ over a whole model: sequential propagation, per-expert Hessians, starved experts, output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantkit.api import CalibrationSettings, quantize
+from quantkit.formats.load import load_quantized
+from quantkit.gptq.sequential import gptq_layers
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.experts import install_eager_experts, is_fused_experts
+from quantkit.pipeline import LayerPipeline
+from quantkit.plan import make_plan
+from quantkit.recipe import get_preset
+from quantkit.schemes import SCHEMES, SchemeConfig
+from tests.conftest import build_model, save_model
+
+GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 16}
+
+
+def test_gptq_without_a_hessian_is_round_to_nearest() -> None:
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    gptq = SCHEMES.get("gptq").quantize(weight, SchemeConfig("gptq", bits=4).with_updates(group_size=16))
+    rtn = SCHEMES.get("zeropoint").quantize(weight, SchemeConfig("zeropoint", bits=4).with_updates(group_size=16))
+    assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "qwen2_moe"])
+def test_each_layer_sees_the_quantized_outputs_of_the_previous_one(tiny_models: dict[str, Path], arch: str) -> None:
+    """The pipeline's final hidden states equal a forward pass of the model with all of GPTQ's weights."""
+    checkpoint = Checkpoint.open(tiny_models[arch])
+    plan = make_plan(checkpoint, get_preset("int8").with_default(**GPTQ4))
+    schemes = {t.name: t.scheme for t in plan.tensors if t.scheme is not None}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    pipeline = LayerPipeline(checkpoint)
+    states = pipeline.capture(ids, batch_size=2)
+    quantized = {w.name: w.quantized.dequantize().float() for layer in gptq_layers(pipeline, states, schemes)
+                 for w in layer.weights}
+    assert set(quantized) == set(schemes)
+    final = torch.cat(pipeline.final_norm(states))
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    state = {k: v for k, v in model.state_dict().items()}
+    disk = {name: checkpoint.get(name) for name in checkpoint.tensors}
+    disk.update(quantized)
+    state.update(plan.arch.to_memory_state(disk))
+    model.load_state_dict(state)
+    for module in model.modules():
+        if is_fused_experts(module):
+            install_eager_experts(module, None)
+    with torch.no_grad():
+        expected = torch.cat([model.model(batch).last_hidden_state for batch in ids.split(2)])
+    torch.testing.assert_close(final, expected, rtol=0, atol=1e-5)
+
+
+def _starved(tiny_lm: Path, root: Path) -> tuple[Path, int]:
+    model = build_model("deepseek_v3", seed=3)
+    gate = model.model.layers[1].mlp.gate
+    starved = gate.e_score_correction_bias.numel() - 1
+    with torch.no_grad():
+        gate.e_score_correction_bias[starved] = -1e4
+    path = save_model(model, root / "starved")
+    for file in tiny_lm.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(file, path / file.name)
+    return path, starved
+
+
+def test_starved_experts_fall_back_and_are_reported(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
+    path, starved = _starved(tiny_lm, tmp_path)
+    data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, min_expert_tokens=16)
+    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
+                      show_progress=False)
+    records = {t.name: t for t in report.tensors}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        info = records[f"model.layers.1.mlp.experts.{starved}.{proj}.weight"].gptq
+        assert info is not None and info["tokens"] == 0 and "blended" in info["fallback"]
+    fed = records["model.layers.1.mlp.experts.0.gate_proj.weight"].gptq
+    assert fed is not None and fed["tokens"] > 0 and fed["fallback"] is None
+    assert [layer["layer"] for layer in report.gptq_layers] == [0, 1]
+    saved = json.loads((tmp_path / "q" / "quantkit_report.json").read_text())
+    assert saved["gptq"]["samples"] == 8 and saved["gptq"]["seq_len"] == 32
+    model = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        logits = model(torch.randint(0, 120, (1, 8))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_all_experts_gives_every_expert_every_token(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
+    path, starved = _starved(tiny_lm, tmp_path)
+    data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, all_experts=True)
+    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
+                      show_progress=False)
+    info = {t.name: t.gptq for t in report.tensors if t.gptq is not None}
+    assert info[f"model.layers.1.mlp.experts.{starved}.gate_proj.weight"]["tokens"] == 8 * 32
+    assert all(v["fallback"] is None for v in info.values())
