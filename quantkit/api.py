@@ -7,7 +7,7 @@ import resource
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from rich.console import Console
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
-from quantkit.formats import compressed_tensors
+from quantkit.formats import compressed_tensors, gptq_v1
 from quantkit.formats.sharded import ShardedWriter, atomic_directory
 from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.model.archs.base import LINEAR_ROLES
@@ -95,6 +95,7 @@ def quantize(
     seed: int = 0,
     calibration: str | Path | None = None,
     data: CalibrationSettings | None = None,
+    output_format: str = "compressed-tensors",
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -104,6 +105,7 @@ def quantize(
     ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
     static activations take their input scales from it. GPTQ runs on the windows ``data``
     describes, or else on the calibration's own windows (same data, samples, length and seed).
+    ``output_format`` is ``compressed-tensors`` (pack-quantized) or ``gptq-v1`` (GPTQ methods only).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -132,6 +134,7 @@ def quantize(
     float_modules: list[str] = []
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, data, calib)
+    encode = _encoder(output_format, plan)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if item.scheme is not None and item.scheme.activations == "static":
@@ -146,12 +149,13 @@ def quantize(
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         if gptq_data is not None:
-            for layer in _gptq_layers(checkpoint, hessian_items, gptq_data, show_progress, console):
+            scale_dtype = torch.float16 if output_format == "gptq-v1" else None  # v1 stores fp16 scales
+            for layer in _gptq_layers(checkpoint, hessian_items, gptq_data, scale_dtype, show_progress, console):
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
                 for result in layer.weights:
                     item = hessian_items[result.name]
-                    record = _write_tensor(item, result.original, writer, result.quantized)
+                    record = _write_tensor(item, result.original, writer, encode, result.quantized)
                     record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
                                    "tokens": result.tokens, "fallback": result.fallback}
                     finish(item, result.original, record)
@@ -168,11 +172,15 @@ def quantize(
                     continue
                 weight = views[item.name]
                 _check_finite(item.name, weight, checkpoint)
-                finish(item, weight, _write_tensor(item, weight, writer))
+                finish(item, weight, _write_tensor(item, weight, writer, encode))
             del tensor, views
         writer.finish()
         config = dict(checkpoint.config)
-        if assignments:
+        if assignments and output_format == "gptq-v1":
+            config["quantization_config"] = gptq_v1.quantization_config(assignments, float_modules)
+            quantize_config = gptq_v1.quantize_config_json(config["quantization_config"])
+            (tmp / gptq_v1.QUANTIZE_CONFIG_FILE).write_text(json.dumps(quantize_config, indent=2) + "\n")
+        elif assignments:
             config["quantization_config"] = compressed_tensors.quantization_config(assignments, float_modules)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in checkpoint.other_files():
@@ -227,21 +235,39 @@ def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
     return settings_of(calib) if calib is not None else CalibrationSettings()
 
 
-def _gptq_layers(checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings,
-                 show_progress: bool, console: Console | None) -> Iterator[LayerResult]:
+def _encoder(output_format: str, plan: QuantPlan) -> Callable[[str, IntQuantized], dict[str, torch.Tensor]]:
+    """The tensor encoder of ``output_format``, after checking that every scheme can be written in it."""
+    if output_format == "compressed-tensors":
+        return compressed_tensors.encode
+    if output_format != "gptq-v1":
+        raise QuantkitError(f"--format must be compressed-tensors or gptq-v1, got {output_format!r}")
+    for item in plan.tensors:
+        if item.scheme is None or not SCHEMES.get(item.scheme.method).integer:
+            continue
+        if item.scheme.method != "gptq" or item.scheme.activations != "none":
+            raise QuantkitError(f"--format gptq-v1 holds GPTQ weights only; {item.name} is {item.scheme.describe()}")
+        gptq_v1.check_shape(item.name, item.shape, item.scheme.bits)
+    return gptq_v1.encode
+
+
+def _gptq_layers(
+    checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings, scale_dtype: torch.dtype | None,
+    show_progress: bool, console: Console | None,
+) -> Iterator[LayerResult]:
     """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer)."""
     pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
     windows = windows_for(checkpoint, data)
     states = pipeline.capture(windows.input_ids, data.batch_size)
     schemes = {name: item.scheme for name, item in items.items() if item.scheme is not None}
     layers = gptq_layers(pipeline, states, schemes, all_experts=data.all_experts,
-                         min_expert_tokens=data.min_expert_tokens)
+                         min_expert_tokens=data.min_expert_tokens, scale_dtype=scale_dtype)
     steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
     for _, layer in zip(track(range(steps), "GPTQ layers", show_progress, console), layers, strict=False):
         yield layer
 
 
 def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
+                  encode: Callable[[str, IntQuantized], dict[str, torch.Tensor]],
                   quantized: Quantized | None = None) -> TensorRecord:
     """Quantize (or copy) one weight into ``writer`` and describe what was done; ``quantized``: done already."""
     bytes_before = weight.numel() * item.dtype.itemsize
@@ -253,8 +279,8 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
                             bytes_before, bytes_before, None)
     if quantized is None:
         quantized = SCHEMES.get(scheme.method).quantize(weight, scheme)
-    if isinstance(quantized, IntQuantized):
-        tensors = compressed_tensors.encode(item.module, quantized)
+    if isinstance(quantized, IntQuantized):  # noqa: SIM108  (mypy narrows the union only in a statement)
+        tensors = encode(item.module, quantized)
     else:
         tensors = {item.name: quantized.tensor}
     for name, tensor in tensors.items():

@@ -31,7 +31,7 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(help="Checkpoint directory or hub id; default: the bundled demo model.", show_default=False),
 ]
-MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="absmax | zeropoint | fp16 | bf16.")]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | fp16 | bf16.")]
 BitsOpt = Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")]
 GroupOpt = Annotated[int | None, typer.Option("--group-size", "-g", help="Weights per scale along a row.")]
 GranularityOpt = Annotated[
@@ -171,16 +171,53 @@ def quantize(
     calibration: Annotated[
         Path | None, typer.Option("--calibration", "-c", help="Directory from `quantkit calibrate` (same model).")
     ] = None,
+    act_order: Annotated[
+        bool, typer.Option("--act-order", help="GPTQ: columns by decreasing Hessian diagonal.")
+    ] = False,
+    static_groups: Annotated[
+        bool, typer.Option("--static-groups", help="GPTQ: group parameters fixed before act-order.")
+    ] = False,
+    sym: Annotated[bool, typer.Option("--sym", help="GPTQ: symmetric grid (no zero points).")] = False,
+    damp: Annotated[float | None, typer.Option("--damp", help="GPTQ: dampening, fraction of mean diag(H).")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="GPTQ calibration text (as for calibrate).")
+    ] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="GPTQ: token windows.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="GPTQ: tokens per window.")] = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="Field holding text in jsonl/parquet.")] = "text",
+    all_experts: Annotated[
+        bool, typer.Option("--all-experts", help="GPTQ: every token through every expert for the Hessians.")
+    ] = False,
+    min_expert_tokens: Annotated[
+        int | None, typer.Option("--min-expert-tokens", help="GPTQ: blend Hessians of experts below this.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="GPTQ: cpu | cuda | auto.")] = "auto",
+    output_format: Annotated[
+        str, typer.Option("--format", help="compressed-tensors (pack-quantized) | gptq-v1 (GPTQ only).")
+    ] = "compressed-tensors",
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize MODEL into compressed-tensors safetensors plus quantkit_report.json."""
+    """Quantize MODEL into quantized safetensors (compressed-tensors or GPTQ v1) plus quantkit_report.json."""
     from quantkit import api
     from quantkit.model.checkpoint import resolve_model_path
 
     overrides = {"method": method, "bits": bits, "group_size": group_size, "granularity": granularity,
                  "range": range_mode, "clip": weight_clip, "percentile": percentile, "activations": activations,
-                 "activation_range": range_method}
+                 "activation_range": range_method, "act_order": act_order or None,
+                 "static_groups": static_groups or None, "symmetric": sym or None, "damp": damp,
+                 "block_size": block_size}
     chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
+    data = None
+    if any(v is not None for v in (dataset, num_samples, seq_len, min_expert_tokens)) or all_experts:
+        from quantkit.calib.run import CalibrationSettings
+
+        defaults = CalibrationSettings()
+        data = CalibrationSettings(
+            dataset=dataset, num_samples=num_samples or defaults.num_samples, seq_len=seq_len, text_field=text_field,
+            all_experts=all_experts, device=resolve_device(device),
+            min_expert_tokens=defaults.min_expert_tokens if min_expert_tokens is None else min_expert_tokens,
+        )
     if out is None:
         out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}")
     report = api.quantize(
@@ -191,6 +228,8 @@ def quantize(
         max_shard_bytes=parse_size(max_shard_size),
         seed=seed,
         calibration=calibration,
+        data=data,
+        output_format=output_format,
         command=["quantkit", *sys.argv[1:]],
         show_progress=not as_json,
         console=err_console,

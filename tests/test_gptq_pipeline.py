@@ -101,3 +101,35 @@ def test_all_experts_gives_every_expert_every_token(tiny_lm: Path, test_text: Pa
     info = {t.name: t.gptq for t in report.tensors if t.gptq is not None}
     assert info[f"model.layers.1.mlp.experts.{starved}.gate_proj.weight"]["tokens"] == 8 * 32
     assert all(v["fallback"] is None for v in info.values())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_both_formats_reload_to_the_same_weights(tiny_lm: Path, test_text: Path, tmp_path: Path,
+                                                 act_order: bool) -> None:
+    """compressed-tensors and GPTQ v1 outputs of one fp16 model dequantize identically in quantkit's loader."""
+    model = build_model("qwen2_moe", seed=4).half()
+    path = save_model(model, tmp_path / "fp16")
+    for file in tiny_lm.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(file, path / file.name)
+    data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32)
+    recipe = get_preset("int8").with_default(**GPTQ4, act_order=act_order)
+    for fmt in ("compressed-tensors", "gptq-v1"):
+        quantize(path, recipe, tmp_path / fmt, data=data, output_format=fmt, show_progress=False)
+    assert (tmp_path / "gptq-v1" / "quantize_config.json").is_file()
+    config = json.loads((tmp_path / "gptq-v1" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["desc_act"] == act_order and config["bits"] == 4
+    a = load_quantized(tmp_path / "compressed-tensors").state_dict()
+    b = load_quantized(tmp_path / "gptq-v1").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q_proj], model.state_dict()[q_proj])
+
+
+def test_gptq_v1_refuses_other_methods(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="GPTQ weights only"):
+        quantize(tiny_models["llama"], get_preset("int4-g128").with_default(group_size=16), tmp_path / "q",
+                 output_format="gptq-v1", show_progress=False)
+    assert not (tmp_path / "q").exists()
