@@ -1,0 +1,94 @@
+"""The integer grid GPTQ quantizes a group of weights onto: quantkit's own conventions, so RTN and GPTQ agree.
+
+GPTQ's ``Quantizer`` (IST-DASLab/gptq ``quant.py``) and quantkit's schemes put a group on the same grid:
+
+- asymmetric: GPTQ's unsigned ``q = clamp(round(w / s) + z, 0, 2^b - 1)`` minus ``2^(b-1)`` is
+  :mod:`~quantkit.schemes.zeropoint`'s signed code, its zero point likewise shifted;
+  ``s = (max(w, 0) - min(w, 0)) / (2^b - 1)`` in both.
+- symmetric (``sym=True``): ``s = 2 max|w| / (2^b - 1)`` with ``z = 2^(b-1)`` is
+  :mod:`~quantkit.schemes.absmax`'s ``full`` range, ``s = max|w| / (2^(b-1) - 0.5)``, codes in
+  ``[-2^(b-1), 2^(b-1) - 1]`` and no zero point.
+
+The range of each group comes from :mod:`quantkit.schemes.clipping` (``minmax``, or GPTQ's MSE shrink grid
+when ``mse_clip``), the scale is rounded to its storage dtype and the dequantization done in that dtype,
+exactly as the schemes (and the clients that read their output) do. Two cases where GPTQ's Quantizer
+differs, both for degenerate groups: an all-zero group gets scale 1 (GPTQ widens it to [-1, 1]; both give
+zero weights), and GPTQ's symmetric grid on a group with no negative weight uses only half its codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.schemes.absmax import absmax_range
+from quantkit.schemes.base import SchemeConfig, finish_scale
+from quantkit.schemes.clipping import clip_amax, clip_low_high
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``bits``-bit codes on the zeropoint grid, or absmax ``full`` when ``symmetric``; scales in ``dtype``."""
+
+    bits: int
+    symmetric: bool
+    mse_clip: bool
+    dtype: torch.dtype
+
+    @property
+    def qmin(self) -> int:
+        return absmax_range(self.bits, "full")[0]
+
+    @property
+    def qmax(self) -> int:
+        return absmax_range(self.bits, "full")[1]
+
+    @property
+    def config(self) -> SchemeConfig:
+        """The scheme whose codes these are (``granularity`` and ``group_size`` are the caller's)."""
+        return SchemeConfig(
+            method="absmax" if self.symmetric else "zeropoint",
+            bits=self.bits,
+            range="full",
+            clip="mse" if self.mse_clip else "minmax",
+        )
+
+    def params(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale (``dtype``) and zero point (float32 integers; None when symmetric) ``[rows, n_groups]``.
+
+        ``groups`` is float32 ``[rows, n_groups, group]``; as GPTQ's ``Quantizer.find_params(W, weight=True)``.
+        """
+        if self.symmetric:
+            return self._scale_for(clip_amax(groups, self.config, self._fake_quantize_amax)), None
+        return self._params_for(*clip_low_high(groups, self.config, self._fake_quantize_low_high))
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Float32 integer codes of ``w``; ``scale`` and ``zero`` broadcast against it."""
+        shifted = torch.round(w / scale.to(torch.float32))
+        if zero is not None:
+            shifted = shifted + zero
+        return torch.clamp(shifted, self.qmin, self.qmax)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """``(codes - zero) * scale`` computed in ``dtype`` as clients do, returned as float32."""
+        values = codes.to(self.dtype)
+        if zero is not None:
+            values = values - zero.to(self.dtype)
+        return (values * scale).to(torch.float32)
+
+    def _scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        return finish_scale(amax / ((self.qmax - self.qmin) / 2), self.dtype)
+
+    def _params_for(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = finish_scale((high - low) / (self.qmax - self.qmin), self.dtype)
+        zero = torch.clamp(torch.round(self.qmin - low / scale.to(torch.float32)), self.qmin, self.qmax)
+        return scale, zero
+
+    def _fake_quantize_amax(self, groups: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        scale = self._scale_for(amax).unsqueeze(-1)
+        return self.dequantize(self.codes(groups, scale, None), scale, None)
+
+    def _fake_quantize_low_high(self, groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        scale, zero = (t.unsqueeze(-1) for t in self._params_for(low, high))
+        return self.dequantize(self.codes(groups, scale, zero), scale, zero)
