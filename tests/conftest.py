@@ -124,3 +124,23 @@ def test_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "text.txt"
     path.write_text(TEST_TEXT)
     return path
+
+
+def copy_tokenizer(source: Path, target: Path) -> Path:
+    """Give the checkpoint ``target`` the tokenizer files of ``source``."""
+    import shutil
+
+    for file in source.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(file, target / file.name)
+    return target
+
+
+def starved_deepseek(tokenizer_dir: Path, root: Path) -> tuple[Path, int]:
+    """A tiny DeepSeek-V3 whose layer-1 router never picks its last expert (huge negative bias), with a tokenizer."""
+    model = build_model("deepseek_v3", seed=3)
+    gate = model.model.layers[1].mlp.gate
+    starved = gate.e_score_correction_bias.numel() - 1
+    with torch.no_grad():
+        gate.e_score_correction_bias[starved] = -1e4
+    return copy_tokenizer(tokenizer_dir, save_model(model, root / "starved")), starved

@@ -17,6 +17,7 @@ from quantkit.formats.load import load_quantized
 from quantkit.model.experts import is_fused_experts
 from quantkit.recipe import get_preset
 from quantkit.schemes.activations import fake_quantize_dynamic, fake_quantize_static, static_input_scale
+from tests.conftest import copy_tokenizer
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is the reference for W8A8")
 
@@ -58,9 +59,7 @@ def w8a8(tiny_models: dict[str, Path], tiny_lm: Path, test_text: Path,
     for arch in ("llama", "qwen2_moe"):
         model = root / arch
         shutil.copytree(tiny_models[arch], model)
-        for file in tiny_lm.iterdir():
-            if file.name.startswith(("tokenizer", "special_tokens")):
-                shutil.copy2(file, model / file.name)
+        copy_tokenizer(tiny_lm, model)
         settings = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32)
         calibrate(model, root / f"{arch}-calib", settings, show_progress=False)
         for mode in ("static", "dynamic"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,9 @@ from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.experts import eager_experts, is_fused_experts
 from quantkit.pipeline import LayerPipeline
-from tests.conftest import ARCH_CONFIGS, MOE_ARCHS, build_model, save_model
+from tests.conftest import ARCH_CONFIGS, MOE_ARCHS, build_model, starved_deepseek
 
 runner = CliRunner()
-
-
-def _with_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
-    for file in tokenizer_dir.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(file, model_dir / file.name)
-    return model_dir
 
 
 def _run_pipeline(path: Path, ids: torch.Tensor, batch_size: int, observer_stats: Statistics | None = None,
@@ -144,18 +136,8 @@ def test_artifact_round_trip_and_model_check(tiny_lm: Path, tiny_models: dict[st
         load_calibration(tmp_path / "c")
 
 
-def _starved_model(tiny_lm: Path, root: Path) -> tuple[Path, int]:
-    """tiny_lm with a router that never picks its last expert (a huge negative correction bias)."""
-    model = build_model("deepseek_v3", seed=3)
-    gate = model.model.layers[1].mlp.gate
-    starved = gate.e_score_correction_bias.numel() - 1
-    with torch.no_grad():
-        gate.e_score_correction_bias[starved] = -1e4
-    return _with_tokenizer(save_model(model, root / "starved"), tiny_lm), starved
-
-
 def test_starved_expert_is_flagged_and_all_experts_covers_it(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
-    path, starved = _starved_model(tiny_lm, tmp_path)
+    path, starved = starved_deepseek(tiny_lm, tmp_path)
     routed = calibrate(path, tmp_path / "routed", _settings(test_text), show_progress=False)
     site = "model.layers.1.mlp.experts.gate_up_proj"
     flagged = {(f["site"], f["expert"]) for f in routed.metadata["flagged_experts"]}
@@ -172,7 +154,7 @@ def test_starved_expert_is_flagged_and_all_experts_covers_it(tiny_lm: Path, test
 def test_static_activations_use_the_documented_fallback_for_starved_experts(
     tiny_lm: Path, test_text: Path, tmp_path: Path
 ) -> None:
-    path, starved = _starved_model(tiny_lm, tmp_path)
+    path, starved = starved_deepseek(tiny_lm, tmp_path)
     calibrate(path, tmp_path / "calib", _settings(test_text), show_progress=False)
     result = runner.invoke(app, ["quantize", str(path), "--bits", "8", "--activations", "static", "--range-method",
                                  "percentile", "--calibration", str(tmp_path / "calib"), "--out",

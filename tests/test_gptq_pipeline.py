@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from quantkit.pipeline import LayerPipeline
 from quantkit.plan import make_plan
 from quantkit.recipe import get_preset
 from quantkit.schemes import SCHEMES, SchemeConfig
-from tests.conftest import build_model, save_model
+from tests.conftest import build_model, copy_tokenizer, save_model, starved_deepseek
 
 GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 16}
 
@@ -60,21 +59,8 @@ def test_each_layer_sees_the_quantized_outputs_of_the_previous_one(tiny_models: 
     torch.testing.assert_close(final, expected, rtol=0, atol=1e-5)
 
 
-def _starved(tiny_lm: Path, root: Path) -> tuple[Path, int]:
-    model = build_model("deepseek_v3", seed=3)
-    gate = model.model.layers[1].mlp.gate
-    starved = gate.e_score_correction_bias.numel() - 1
-    with torch.no_grad():
-        gate.e_score_correction_bias[starved] = -1e4
-    path = save_model(model, root / "starved")
-    for file in tiny_lm.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(file, path / file.name)
-    return path, starved
-
-
 def test_starved_experts_fall_back_and_are_reported(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
-    path, starved = _starved(tiny_lm, tmp_path)
+    path, starved = starved_deepseek(tiny_lm, tmp_path)
     data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, min_expert_tokens=16)
     report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
                       show_progress=False)
@@ -94,7 +80,7 @@ def test_starved_experts_fall_back_and_are_reported(tiny_lm: Path, test_text: Pa
 
 
 def test_all_experts_gives_every_expert_every_token(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
-    path, starved = _starved(tiny_lm, tmp_path)
+    path, starved = starved_deepseek(tiny_lm, tmp_path)
     data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, all_experts=True)
     report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
                       show_progress=False)
@@ -108,10 +94,7 @@ def test_both_formats_reload_to_the_same_weights(tiny_lm: Path, test_text: Path,
                                                  act_order: bool) -> None:
     """compressed-tensors and GPTQ v1 outputs of one fp16 model dequantize identically in quantkit's loader."""
     model = build_model("qwen2_moe", seed=4).half()
-    path = save_model(model, tmp_path / "fp16")
-    for file in tiny_lm.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(file, path / file.name)
+    path = copy_tokenizer(tiny_lm, save_model(model, tmp_path / "fp16"))
     data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32)
     recipe = get_preset("int8").with_default(**GPTQ4, act_order=act_order)
     for fmt in ("compressed-tensors", "gptq-v1"):

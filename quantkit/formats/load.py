@@ -30,16 +30,23 @@ def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     quant_config = checkpoint.config.get("quantization_config")
     groups = compressed_tensors.module_args(quant_config) if quant_config else []
     modules = {n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")}
-    state: dict[str, torch.Tensor] = {}
-    for name in checkpoint.tensors:
-        module, _, suffix = name.rpartition(".")
-        if module in modules and suffix in compressed_tensors.SUFFIXES:
-            continue
-        state[name] = checkpoint.get(name)
+    state = _unquantized_tensors(checkpoint, modules, compressed_tensors.SUFFIXES)
     for module in sorted(modules):
         parts = {s: checkpoint.get(f"{module}.{s}") for s in compressed_tensors.SUFFIXES
                  if f"{module}.{s}" in checkpoint}
         state[f"{module}.weight"] = compressed_tensors.decode(parts, compressed_tensors.args_for(module, groups))
+    return state
+
+
+def _unquantized_tensors(
+    checkpoint: Checkpoint, modules: set[str], suffixes: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Every tensor except the quantized modules' format tensors (``<module>.<suffix>``), as stored."""
+    state: dict[str, torch.Tensor] = {}
+    for name in checkpoint.tensors:
+        module, _, suffix = name.rpartition(".")
+        if not (module in modules and suffix in suffixes):
+            state[name] = checkpoint.get(name)
     return state
 
 
@@ -58,12 +65,7 @@ def _gptq_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
 def _dequantized_gptq_state(checkpoint: Checkpoint, quant_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     fmt = gptq_v1.checkpoint_format(quant_config)
     modules = {n.removesuffix(".qweight") for n in checkpoint.tensors if n.endswith(".qweight")}
-    state: dict[str, torch.Tensor] = {}
-    for name in checkpoint.tensors:
-        module, _, suffix = name.rpartition(".")
-        if module in modules and suffix in gptq_v1.SUFFIXES:
-            continue
-        state[name] = checkpoint.get(name)
+    state = _unquantized_tensors(checkpoint, modules, gptq_v1.SUFFIXES)
     for module in sorted(modules):
         args = gptq_v1.module_args(quant_config, module)
         if args is None:
