@@ -96,6 +96,7 @@ def quantize(
     calibration: str | Path | None = None,
     data: CalibrationSettings | None = None,
     output_format: str = "compressed-tensors",
+    max_memory: int | None = None,
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -105,7 +106,8 @@ def quantize(
     ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
     static activations take their input scales from it. GPTQ runs on the windows ``data``
     describes, or else on the calibration's own windows (same data, samples, length and seed).
-    ``output_format`` is ``compressed-tensors`` (pack-quantized) or ``gptq-v1`` (GPTQ methods only).
+    ``output_format`` is ``compressed-tensors`` (pack-quantized) or ``gptq-v1`` (GPTQ methods only);
+    ``max_memory`` (bytes) bounds how many experts GPTQ solves at once.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -150,7 +152,8 @@ def quantize(
         writer = ShardedWriter(tmp, max_shard_bytes)
         if gptq_data is not None:
             scale_dtype = torch.float16 if output_format == "gptq-v1" else None  # v1 stores fp16 scales
-            for layer in _gptq_layers(checkpoint, hessian_items, gptq_data, scale_dtype, show_progress, console):
+            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, scale_dtype, max_memory, show_progress, console)
+            for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
                 for result in layer.weights:
@@ -252,7 +255,7 @@ def _encoder(output_format: str, plan: QuantPlan) -> Callable[[str, IntQuantized
 
 def _gptq_layers(
     checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings, scale_dtype: torch.dtype | None,
-    show_progress: bool, console: Console | None,
+    max_memory: int | None, show_progress: bool, console: Console | None,
 ) -> Iterator[LayerResult]:
     """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer)."""
     pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
@@ -260,7 +263,7 @@ def _gptq_layers(
     states = pipeline.capture(windows.input_ids, data.batch_size)
     schemes = {name: item.scheme for name, item in items.items() if item.scheme is not None}
     layers = gptq_layers(pipeline, states, schemes, all_experts=data.all_experts,
-                         min_expert_tokens=data.min_expert_tokens, scale_dtype=scale_dtype)
+                         min_expert_tokens=data.min_expert_tokens, scale_dtype=scale_dtype, max_memory=max_memory)
     steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
     for _, layer in zip(track(range(steps), "GPTQ layers", show_progress, console), layers, strict=False):
         yield layer

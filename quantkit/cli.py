@@ -196,6 +196,9 @@ def quantize(
     output_format: Annotated[
         str, typer.Option("--format", help="compressed-tensors (pack-quantized) | gptq-v1 (GPTQ only).")
     ] = "compressed-tensors",
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="GPTQ: memory for experts solved at once, e.g. 4GB.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL into quantized safetensors (compressed-tensors or GPTQ v1) plus quantkit_report.json."""
@@ -230,6 +233,7 @@ def quantize(
         calibration=calibration,
         data=data,
         output_format=output_format,
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
         command=["quantkit", *sys.argv[1:]],
         show_progress=not as_json,
         console=err_console,

@@ -116,3 +116,19 @@ def test_gptq_v1_refuses_other_methods(tiny_models: dict[str, Path], tmp_path: P
         quantize(tiny_models["llama"], get_preset("int4-g128").with_default(group_size=16), tmp_path / "q",
                  output_format="gptq-v1", show_progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: Path, test_text: Path,
+                                                                       tmp_path: Path) -> None:
+    from quantkit.gptq.sequential import experts_per_chunk
+
+    assert experts_per_chunk(64, 32, None) > 64 and experts_per_chunk(64, 32, 1) == 1
+    assert experts_per_chunk(64, 32, 3 * (16 * 32 * 32 + 16 * 64 * 32)) == 3
+    path = copy_tokenizer(tiny_lm, save_model(build_model("qwen2_moe", seed=5), tmp_path / "m"))
+    data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32, all_experts=True)
+    recipe = get_preset("int8").with_default(**GPTQ4)
+    whole = quantize(path, recipe, tmp_path / "whole", data=data, show_progress=False)
+    chunked = quantize(path, recipe, tmp_path / "chunked", data=data, max_memory=1, show_progress=False)
+    assert [t.gptq for t in whole.tensors] == [t.gptq for t in chunked.tensors]
+    a, b = load_quantized(tmp_path / "whole").state_dict(), load_quantized(tmp_path / "chunked").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

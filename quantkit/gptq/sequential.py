@@ -13,8 +13,10 @@ Routed experts: one Hessian per expert from the tokens routed to it (every token
 ``all_experts``); gate and up share it (one solve of the fused ``[E, 2I, H]`` weight, rows are
 independent in GPTQ). An expert with fewer than ``min_expert_tokens`` tokens gets the blended
 Hessian ``(n H_e + (K - n) H_mean) / K`` (``n`` its tokens, ``K`` the threshold, ``H_mean`` the
-token-weighted mean of the layer's experts): the missing tokens are stood in for by the layer's
-typical input. With no token at all in any expert, H is the identity: round-to-nearest.
+token-weighted mean of the layer's experts, of the chunk's experts when ``max_memory`` splits them):
+the missing tokens are stood in for by the layer's typical input. With no token at all in any
+expert, H is the identity: round-to-nearest. ``max_memory`` splits a layer's experts into chunks
+(:func:`experts_per_chunk`), each with its own Hessian pass and batched solve.
 """
 
 from __future__ import annotations
@@ -65,9 +67,13 @@ def gptq_layers(
     all_experts: bool = False,
     min_expert_tokens: int = 16,
     scale_dtype: torch.dtype | None = None,
+    max_memory: int | None = None,
 ) -> Iterator[LayerResult]:
-    """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer."""
-    solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype)
+    """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
+
+    ``max_memory`` (bytes) bounds the experts solved at once (:func:`experts_per_chunk`).
+    """
+    solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory)
     for index in range(pipeline.num_layers):
         started = time.perf_counter()
         layer = pipeline.load_layer(index)
@@ -89,6 +95,23 @@ def gptq_layers(
         weights = solver.solve_linears([(head, module)], hessian)
         pipeline.release(module)
         yield LayerResult(pipeline.num_layers, weights, time.perf_counter() - started)
+
+
+BYTES_PER_HESSIAN_ELEMENT = 4 * 4  # float32 H, plus its damped copy, Cholesky factor and inverse
+BYTES_PER_WEIGHT_ELEMENT = 4 * 4  # float32 W, its working copy, Q and the error block
+
+
+def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
+    """Experts GPTQ solves at once: ``max_memory // (16 * columns^2 + 16 * rows * columns)`` (at least 1).
+
+    Per expert: float32 Hessian ``[columns, columns]`` with its dampened copy, Cholesky factor and
+    inverse (16 bytes per element), and the float32 weight ``[rows, columns]`` with its working copy,
+    dequantized result and error block (16 bytes per element). No budget: all experts at once.
+    """
+    if max_memory is None:
+        return 1 << 30
+    per_expert = BYTES_PER_HESSIAN_ELEMENT * columns * columns + BYTES_PER_WEIGHT_ELEMENT * rows * columns
+    return max(1, max_memory // per_expert)
 
 
 def _site_order(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
@@ -117,10 +140,10 @@ class _Solver:
     """Hessians and GPTQ solves for the sites of one layer at a time."""
 
     def __init__(self, pipeline: LayerPipeline, schemes: dict[str, SchemeConfig], all_experts: bool,
-                 min_expert_tokens: int, scale_dtype: torch.dtype | None) -> None:
+                 min_expert_tokens: int, scale_dtype: torch.dtype | None, max_memory: int | None) -> None:
         self.pipeline, self.arch, self.schemes = pipeline, pipeline.arch, schemes
         self.all_experts, self.min_expert_tokens = all_experts, min_expert_tokens
-        self.scale_dtype = scale_dtype
+        self.scale_dtype, self.max_memory = scale_dtype, max_memory
 
     def solve_site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str],
                    states: LayerStates) -> list[GptqWeight]:
@@ -132,7 +155,7 @@ class _Solver:
             names = self._expert_names(experts_prefix, param, owner)
             if not any(n in self.schemes for n in names):
                 return []
-            return self._solve_experts(site, owner, param, names, self._hessian(layer, prefix, site, states))
+            return self._solve_experts(layer, prefix, site, owner, param, names, states)
         members = [site, *sorted(m for m, s in aliases.items() if s == site)]
         linears = [(m, layer.get_submodule(m.removeprefix(f"{prefix}."))) for m in members]
         linears = [(m, mod) for m, mod in linears if self.arch.disk_name(f"{m}.weight") in self.schemes]
@@ -159,27 +182,33 @@ class _Solver:
         return list(self.arch.experts.fused_shapes(self.arch.disk_name(f"{experts_prefix}.{param}"),
                                                    tuple(fused.shape)))
 
-    def _solve_experts(self, site: str, module: Any, param: str, names: list[str],
-                       hessian: HessianAccumulator) -> list[GptqWeight]:
-        """One batched solve of all experts of ``param`` (gate and up rows together: GPTQ rows are independent)."""
+    def _solve_experts(self, layer: nn.Module, prefix: str, site: str, module: Any, param: str, names: list[str],
+                       states: LayerStates) -> list[GptqWeight]:
+        """Batched solves of the experts of ``param``, ``max_memory`` permitting all at once (gate and up rows
+        together: GPTQ's rows are independent)."""
         configs = {self.schemes.get(n) for n in names}
         if len(configs) != 1 or None in configs:
             raise QuantkitError(f"GPTQ quantizes all experts of {site} with one scheme; the recipe mixes them")
         scheme = self.schemes[names[0]]
         fused = getattr(module, param)
-        tokens = hessian.tokens
-        H, notes = self._starved_fallback(hessian.hessian, tokens)
-        original = fused.detach().clone()
-        result = self._gptq(original, H, scheme, names[0])
-        fused.data.copy_(result.dequantized.to(fused.dtype))
-        per_name = len(names) // fused.shape[0]  # 2 (gate, up) or 1 (down)
-        rows = fused.shape[1] // per_name
+        experts, rows_total, columns = (int(d) for d in fused.shape)
+        chunk = experts_per_chunk(rows_total, columns, self.max_memory)
+        per_name = len(names) // experts  # 2 (gate, up) or 1 (down)
+        rows = rows_total // per_name
         out = []
-        for e, part in enumerate(result.experts()):
-            for k, name in enumerate(names[e * per_name : (e + 1) * per_name]):
-                start, stop = k * rows, (k + 1) * rows
-                out.append(_record(name, original[e, start:stop], _slice_rows(part, start, stop), scheme, tokens[e],
-                                   notes.get(e)))
+        for first in range(0, experts, chunk):
+            chosen = range(first, min(first + chunk, experts))
+            hessian = self._hessian(layer, prefix, site, states, chosen)
+            H, notes = self._starved_fallback(hessian.hessian, hessian.tokens)
+            original = fused[first : chosen.stop].detach().clone()
+            result = self._gptq(original, H, scheme, names[first * per_name])
+            fused.data[first : chosen.stop] = result.dequantized.to(fused.dtype)
+            for i, part in enumerate(result.experts()):
+                e = first + i
+                for k, name in enumerate(names[e * per_name : (e + 1) * per_name]):
+                    start, stop = k * rows, (k + 1) * rows
+                    out.append(_record(name, original[i, start:stop], _slice_rows(part, start, stop), scheme,
+                                       hessian.tokens[i], notes.get(i)))
         return out
 
     def _starved_fallback(self, H: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, dict[int, str]]:
@@ -203,15 +232,21 @@ class _Solver:
             notes[e] = f"{n} tokens (< {k}): Hessian blended with the layer's mean expert Hessian"
         return H, notes
 
-    def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates) -> HessianAccumulator:
-        """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights)."""
+    def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates,
+                 experts: range | None = None) -> HessianAccumulator:
+        """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights);
+        for an experts site, of the experts in ``experts`` only (indexed from its start)."""
         accumulators: dict[str, HessianAccumulator] = {}
 
         def add(name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
+            if experts is not None and expert not in experts:
+                return
             if name not in accumulators:
-                accumulators[name] = HessianAccumulator(x.shape[-1], num_experts if num_experts > 1 else None,
+                count = len(experts) if experts is not None else num_experts
+                accumulators[name] = HessianAccumulator(x.shape[-1], count if num_experts > 1 else None,
                                                         device=x.device)
-            accumulators[name].add(x.float(), expert if num_experts > 1 else None)
+            index = expert - experts.start if experts is not None else expert
+            accumulators[name].add(x.float(), index if num_experts > 1 else None)
 
         taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only={site})
         with taps.attach(prefix, layer):
