@@ -39,6 +39,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "absmax-w8a8-dynamic": {"method": "absmax", "bits": 8, "activations": "dynamic"},
     "absmax-w8a8-static-minmax": {"method": "absmax", "bits": 8, "activations": "static"},
     "absmax-w8a8-static-kl": {"method": "absmax", "bits": 8, "activations": "static", "activation_range": "kl"},
+    "zeropoint-w3-g128": {"method": "zeropoint", "bits": 3, "group_size": 128},
+    "gptq-w4-g128": {"method": "gptq", "bits": 4, "group_size": 128},  # on the calibration's windows
+    "gptq-w3-g128-act": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True},
 }
 CALIBRATION = CalibrationSettings(dataset=str(WIKI_VALID), num_samples=32, seq_len=512)
 PPL_TOLERANCE = 0.01  # relative, either direction: a drop this large means the evaluation changed
@@ -94,6 +97,12 @@ def test_more_bits_cost_less_quality(measured: dict[str, dict[str, float]]) -> N
         w8, w4 = measured[f"{method}-w8-g128"], measured[f"{method}-w4-g128"]
         assert abs(w8["ppl"] / measured["float"]["ppl"] - 1) < 0.01
         assert w8["kl"] < w4["kl"] and w8["top1_agreement"] > w4["top1_agreement"]
+
+
+def test_gptq_beats_round_to_nearest(measured: dict[str, dict[str, float]]) -> None:
+    """At the same bits and groups, GPTQ's outputs stay closer to the float model's than RTN's."""
+    assert measured["gptq-w4-g128"]["kl"] < 0.8 * measured["zeropoint-w4-g128"]["kl"]
+    assert measured["gptq-w3-g128-act"]["kl"] < 0.8 * measured["zeropoint-w3-g128"]["kl"]
 
 
 def test_calibrated_choices_help(measured: dict[str, dict[str, float]]) -> None:
