@@ -24,7 +24,7 @@ from quantkit.model.archs.base import LINEAR_ROLES
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.pipeline import LayerPipeline
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
-from quantkit.progress import track
+from quantkit.progress import StepProgress, track
 from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
 from quantkit.schemes import SCHEMES, IntQuantized, Quantized, SchemeConfig
@@ -257,16 +257,17 @@ def _gptq_layers(
     checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings, scale_dtype: torch.dtype | None,
     max_memory: int | None, show_progress: bool, console: Console | None,
 ) -> Iterator[LayerResult]:
-    """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer)."""
+    """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer, step shown)."""
     pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
     windows = windows_for(checkpoint, data)
     states = pipeline.capture(windows.input_ids, data.batch_size)
     schemes = {name: item.scheme for name, item in items.items() if item.scheme is not None}
-    layers = gptq_layers(pipeline, states, schemes, all_experts=data.all_experts,
-                         min_expert_tokens=data.min_expert_tokens, scale_dtype=scale_dtype, max_memory=max_memory)
     steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
-    for _, layer in zip(track(range(steps), "GPTQ layers", show_progress, console), layers, strict=False):
-        yield layer
+    with StepProgress("GPTQ layers", steps, show_progress, console) as progress:
+        yield from progress.track(gptq_layers(
+            pipeline, states, schemes, all_experts=data.all_experts, min_expert_tokens=data.min_expert_tokens,
+            scale_dtype=scale_dtype, max_memory=max_memory, on_step=progress.step,
+        ))
 
 
 def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,

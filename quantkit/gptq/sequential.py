@@ -22,7 +22,7 @@ expert, H is the identity: round-to-nearest. ``max_memory`` splits a layer's exp
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +68,14 @@ def gptq_layers(
     min_expert_tokens: int = 16,
     scale_dtype: torch.dtype | None = None,
     max_memory: int | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> Iterator[LayerResult]:
     """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
 
-    ``max_memory`` (bytes) bounds the experts solved at once (:func:`experts_per_chunk`).
+    ``max_memory`` (bytes) bounds the experts solved at once (:func:`experts_per_chunk`); ``on_step``
+    hears what is being solved (a site, or a chunk of experts), for progress display.
     """
-    solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory)
+    solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory, on_step)
     for index in range(pipeline.num_layers):
         started = time.perf_counter()
         layer = pipeline.load_layer(index)
@@ -140,10 +142,12 @@ class _Solver:
     """Hessians and GPTQ solves for the sites of one layer at a time."""
 
     def __init__(self, pipeline: LayerPipeline, schemes: dict[str, SchemeConfig], all_experts: bool,
-                 min_expert_tokens: int, scale_dtype: torch.dtype | None, max_memory: int | None) -> None:
+                 min_expert_tokens: int, scale_dtype: torch.dtype | None, max_memory: int | None,
+                 on_step: Callable[[str], None] | None) -> None:
         self.pipeline, self.arch, self.schemes = pipeline, pipeline.arch, schemes
         self.all_experts, self.min_expert_tokens = all_experts, min_expert_tokens
         self.scale_dtype, self.max_memory = scale_dtype, max_memory
+        self.on_step = on_step or (lambda _: None)
 
     def solve_site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str],
                    states: LayerStates) -> list[GptqWeight]:
@@ -161,6 +165,7 @@ class _Solver:
         linears = [(m, mod) for m, mod in linears if self.arch.disk_name(f"{m}.weight") in self.schemes]
         if not linears:
             return []
+        self.on_step(site)
         return self.solve_linears(linears, self._hessian(layer, prefix, site, states))
 
     def solve_linears(self, linears: list[tuple[str, Any]], hessian: HessianAccumulator) -> list[GptqWeight]:
@@ -198,6 +203,7 @@ class _Solver:
         out = []
         for first in range(0, experts, chunk):
             chosen = range(first, min(first + chunk, experts))
+            self.on_step(f"{site} experts {first}-{chosen.stop - 1} of {experts}")
             hessian = self._hessian(layer, prefix, site, states, chosen)
             H, notes = self._starved_fallback(hessian.hessian, hessian.tokens)
             original = fused[first : chosen.stop].detach().clone()
