@@ -132,3 +132,37 @@ def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: 
     assert [t.gptq for t in whole.tensors] == [t.gptq for t in chunked.tensors]
     a, b = load_quantized(tmp_path / "whole").state_dict(), load_quantized(tmp_path / "chunked").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--format", "gguf9"], "--format must be compressed-tensors or gptq-v1"),
+    (["--max-memory", "lots"], "invalid size"),
+    (["--damp", "2"], "damp must be in (0, 1)"),
+    (["--block-size", "0"], "block size must be positive"),
+])
+def test_gptq_cli_errors(tiny_lm: Path, test_text: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(tiny_lm), "--method", "gptq", "--bits", "4", "--dataset",
+                                      str(test_text), "--seq-len", "32", "--num-samples", "2", *extra,
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_gptq_cli_end_to_end(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(tiny_lm), "--method", "gptq", "--bits", "4", "--group-size",
+                                      "16", "--act-order", "--dataset", str(test_text), "--seq-len", "32",
+                                      "--num-samples", "4", "--all-experts", "--format", "gptq-v1", "--json",
+                                      "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "quantkit_report.json").read_text())
+    assert report["gptq"]["all_experts"] and len(report["gptq_layers"]) == 2
+    assert all(t["gptq"]["tokens"] == 4 * 32 for t in report["tensors"] if t["gptq"] and ".experts." in t["name"])
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["desc_act"]
