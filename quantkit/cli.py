@@ -211,16 +211,8 @@ def quantize(
                  "static_groups": static_groups or None, "symmetric": sym or None, "damp": damp,
                  "block_size": block_size}
     chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
-    data = None
-    if any(v is not None for v in (dataset, num_samples, seq_len, min_expert_tokens)) or all_experts:
-        from quantkit.calib.run import CalibrationSettings
-
-        defaults = CalibrationSettings()
-        data = CalibrationSettings(
-            dataset=dataset, num_samples=num_samples or defaults.num_samples, seq_len=seq_len, text_field=text_field,
-            all_experts=all_experts, device=resolve_device(device),
-            min_expert_tokens=defaults.min_expert_tokens if min_expert_tokens is None else min_expert_tokens,
-        )
+    data = _gptq_data(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
+                      resolve_device(device))
     if out is None:
         out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}")
     report = api.quantize(
@@ -296,6 +288,27 @@ def calibrate(
         return
     print_calibration(calibration.metadata)
     console.print(f"wrote {out}" + (f" and {imatrix_out}" if imatrix_out else ""))
+
+
+def _gptq_data(calibration: Path | None, dataset: str | None, num_samples: int | None, seq_len: int | None,
+               text_field: str, all_experts: bool, min_expert_tokens: int | None, device: str):  # -> settings
+    """GPTQ's calibration windows from the options, or None to let ``quantize`` take the calibration's/defaults."""
+    from dataclasses import replace
+
+    from quantkit.calib.artifact import load_calibration
+    from quantkit.calib.run import CalibrationSettings, settings_of
+
+    if any(v is not None for v in (dataset, num_samples, seq_len, min_expert_tokens)) or all_experts:
+        defaults = CalibrationSettings()
+        return CalibrationSettings(
+            dataset=dataset, num_samples=num_samples or defaults.num_samples, seq_len=seq_len, text_field=text_field,
+            all_experts=all_experts, device=device,
+            min_expert_tokens=defaults.min_expert_tokens if min_expert_tokens is None else min_expert_tokens,
+        )
+    if device == "cpu":
+        return None
+    base = settings_of(load_calibration(calibration)) if calibration is not None else CalibrationSettings()
+    return replace(base, device=device)
 
 
 def print_calibration(meta: dict[str, Any]) -> None:
