@@ -10,8 +10,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.schemes import SCHEMES, CastTensor, IntQuantized, SchemeConfig
-from quantkit.schemes.absmax import absmax_range
 from quantkit.schemes.base import estimate_bits_per_weight
+from quantkit.schemes.grid import absmax_range
 
 
 def gaussian(shape: tuple[int, int] = (64, 256), seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

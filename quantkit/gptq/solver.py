@@ -16,7 +16,7 @@ Departures from the reference, all deliberate:
 - Per-channel parameters (no groups) are taken after dead columns are zeroed (the reference takes them
   from the original weight, dead columns included).
 - The scale is rounded to its storage dtype and ``Q`` dequantized in that dtype before the error feedback
-  (:mod:`quantkit.gptq.grid`), so the error GPTQ compensates is the one clients see.
+  (:mod:`quantkit.schemes.grid`), so the error GPTQ compensates is the one clients see.
 - An all-zero Hessian (an expert that got no calibration token) is replaced by the identity: GPTQ then is
   round-to-nearest. The reference would call every column dead and zero the whole weight.
 - A Cholesky failure (H not positive definite) is retried with 10x the dampening, up to
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.gptq.grid import Grid
 from quantkit.schemes.base import MAX_BITS, MIN_BITS, IntQuantized, SchemeConfig, storage_dtype
+from quantkit.schemes.grid import Grid
 
 MAX_RETRIES = 4
 RETRY_FACTOR = 10
@@ -130,7 +130,7 @@ def gptq_quantize(
     experts, rows, columns = W.shape
     group = group_size or columns
     static = static_groups and group_size is not None
-    grid = Grid(bits, symmetric, mse_clip, scale_dtype or storage_dtype(weight))
+    grid = Grid(bits, symmetric, scale_dtype or storage_dtype(weight), clip="mse" if mse_clip else "minmax")
 
     # No calibration token: identity instead of H = 0 (all columns dead), i.e. round-to-nearest. (H is positive
     # semi-definite, so a zero diagonal means H = 0.)

@@ -10,42 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.schemes.base import (
-    SCHEMES,
-    IntQuantized,
-    Scheme,
-    SchemeConfig,
-    finish_scale,
-    group_view,
-    scale_shape,
-    storage_dtype,
-)
-from quantkit.schemes.clipping import clip_low_high
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, SchemeConfig, group_view, scale_shape, storage_dtype
+from quantkit.schemes.grid import Grid
 
 
 class ZeroPointScheme(Scheme):
     def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> IntQuantized:
-        qmin, qmax = -(2 ** (config.bits - 1)), 2 ** (config.bits - 1) - 1
-        dtype = storage_dtype(weight)
-
-        def params_for(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            scale = finish_scale((high - low) / (qmax - qmin), dtype)
-            zero_point = torch.clamp(torch.round(qmin - low / scale.to(torch.float32)), qmin, qmax)
-            return scale, zero_point
-
-        def codes_for(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-            shifted = torch.round(groups / scale.to(torch.float32).unsqueeze(-1)) + zero_point.unsqueeze(-1)
-            return torch.clamp(shifted, qmin, qmax)
-
-        def fake_quantize(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-            scale, zero_point = params_for(low, high)  # dequantized in the scale's dtype, as IntQuantized does
-            codes = codes_for(groups, scale, zero_point).to(dtype) - zero_point.to(dtype).unsqueeze(-1)
-            return (codes * scale.unsqueeze(-1)).to(torch.float32)
-
+        grid = Grid(config.bits, False, storage_dtype(weight), clip=config.clip, percentile=config.percentile)
         groups = group_view(weight, config)  # (rows, n_groups, group)
-        scale, zero_point = params_for(*clip_low_high(groups, config, fake_quantize))  # (rows, n_groups)
+        scale, zero_point = grid.params(groups)  # (rows, n_groups)
+        assert zero_point is not None
+        codes = grid.codes(groups, scale.unsqueeze(-1), zero_point.unsqueeze(-1))
         return IntQuantized(
-            codes=codes_for(groups, scale, zero_point).reshape(weight.shape).to(torch.int8),
+            codes=codes.reshape(weight.shape).to(torch.int8),
             scale=scale.reshape(scale_shape(config, weight)),
             zero_point=zero_point.to(torch.int8).reshape(scale_shape(config, weight)),
             config=config,

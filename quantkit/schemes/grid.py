@@ -1,6 +1,9 @@
-"""The integer grid GPTQ quantizes a group of weights onto: quantkit's own conventions, so RTN and GPTQ agree.
+"""The integer grid a group of weights is quantized onto: one implementation for absmax, zeropoint and GPTQ.
 
-GPTQ's ``Quantizer`` (IST-DASLab/gptq ``quant.py``) and quantkit's schemes put a group on the same grid:
+A :class:`Grid` finds each group's range (:mod:`quantkit.schemes.clipping`: minmax, percentile or MSE),
+its scale (rounded to the storage dtype) and zero point, the codes, and the dequantized values computed
+in the scale's dtype, as clients decode them. GPTQ's ``Quantizer`` (IST-DASLab/gptq ``quant.py``) puts a
+group on the same grid:
 
 - asymmetric: GPTQ's unsigned ``q = clamp(round(w / s) + z, 0, 2^b - 1)`` minus ``2^(b-1)`` is
   :mod:`~quantkit.schemes.zeropoint`'s signed code, its zero point likewise shifted;
@@ -9,9 +12,7 @@ GPTQ's ``Quantizer`` (IST-DASLab/gptq ``quant.py``) and quantkit's schemes put a
   :mod:`~quantkit.schemes.absmax`'s ``full`` range, ``s = max|w| / (2^(b-1) - 0.5)``, codes in
   ``[-2^(b-1), 2^(b-1) - 1]`` and no zero point.
 
-The range of each group comes from :mod:`quantkit.schemes.clipping` (``minmax``, or GPTQ's MSE shrink grid
-when ``mse_clip``), the scale is rounded to its storage dtype and the dequantization done in that dtype,
-exactly as the schemes (and the clients that read their output) do. Two cases where GPTQ's Quantizer
+Two cases where GPTQ's Quantizer
 differs, both for degenerate groups: an all-zero group gets scale 1 (GPTQ widens it to [-1, 1]; both give
 zero weights), and GPTQ's symmetric grid on a group with no negative weight uses only half its codes.
 """
@@ -22,27 +23,37 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.schemes.absmax import absmax_range
-from quantkit.schemes.base import SchemeConfig, finish_scale
+from quantkit.schemes.base import RangeMode, SchemeConfig, finish_scale
 from quantkit.schemes.clipping import clip_amax, clip_low_high
+
+
+def absmax_range(bits: int, mode: str) -> tuple[int, int]:
+    """Integer code range ``(qmin, qmax)`` for ``bits`` under the restricted/full convention."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax, qmax) if mode == "restricted" else (-qmax - 1, qmax)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """``bits``-bit codes on the zeropoint grid, or absmax ``full`` when ``symmetric``; scales in ``dtype``."""
+    """``bits``-bit codes: zeropoint (full signed range), or absmax with ``range`` when ``symmetric``.
+
+    Scales are stored in ``dtype``; ``clip`` and ``percentile`` choose each group's range.
+    """
 
     bits: int
     symmetric: bool
-    mse_clip: bool
     dtype: torch.dtype
+    range: RangeMode = "full"
+    clip: str = "minmax"
+    percentile: float = 99.99
 
     @property
     def qmin(self) -> int:
-        return absmax_range(self.bits, "full")[0]
+        return absmax_range(self.bits, self.range if self.symmetric else "full")[0]
 
     @property
     def qmax(self) -> int:
-        return absmax_range(self.bits, "full")[1]
+        return absmax_range(self.bits, self.range if self.symmetric else "full")[1]
 
     @property
     def config(self) -> SchemeConfig:
@@ -50,8 +61,9 @@ class Grid:
         return SchemeConfig(
             method="absmax" if self.symmetric else "zeropoint",
             bits=self.bits,
-            range="full",
-            clip="mse" if self.mse_clip else "minmax",
+            range=self.range,
+            clip=self.clip,
+            percentile=self.percentile,
         )
 
     def params(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
