@@ -17,17 +17,17 @@ from rich.console import Console
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
-from quantkit.formats import compressed_tensors, gptq_v1
+from quantkit.formats import compressed_tensors, ggml_blocks, gptq_v1
 from quantkit.formats.sharded import ShardedWriter, atomic_directory
 from quantkit.gptq.sequential import LayerResult, gptq_layers
-from quantkit.model.archs.base import LINEAR_ROLES
+from quantkit.model.archs.base import LINEAR_ROLES, Role
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.pipeline import LayerPipeline
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
 from quantkit.progress import StepProgress, track
 from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
-from quantkit.schemes import SCHEMES, IntQuantized, Quantized, SchemeConfig
+from quantkit.schemes import SCHEMES, BlockQuantized, IntQuantized, Quantized, SchemeConfig
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
 
@@ -35,10 +35,11 @@ __all__ = ["CalibrationSettings", "calibrate", "expert_coverage", "inspect", "qu
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
 
 
-def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
+def inspect(model: str | Path | None, recipe: Recipe, *, shared_experts_type: str | None = None,
+            dense_ffn_type: str | None = None) -> dict[str, Any]:
     """Architecture, parameters by role, expert coverage and what ``recipe`` would do."""
     checkpoint = Checkpoint.open(model)
-    plan = make_plan(checkpoint, recipe)
+    plan = make_plan(checkpoint, recipe, shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
     params: dict[str, int] = defaultdict(int)
     actions: dict[str, dict[str, Any]] = {}
     for t in plan.tensors:
@@ -95,8 +96,10 @@ def quantize(
     seed: int = 0,
     calibration: str | Path | None = None,
     data: CalibrationSettings | None = None,
-    output_format: str = "compressed-tensors",
+    output_format: str = "auto",
     max_memory: int | None = None,
+    shared_experts_type: str | None = None,
+    dense_ffn_type: str | None = None,
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -106,14 +109,18 @@ def quantize(
     ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
     static activations take their input scales from it. GPTQ runs on the windows ``data``
     describes, or else on the calibration's own windows (same data, samples, length and seed).
-    ``output_format`` is ``compressed-tensors`` (pack-quantized) or ``gptq-v1`` (GPTQ methods only);
-    ``max_memory`` (bytes) bounds how many experts GPTQ solves at once.
+    ``output_format`` is ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ methods only),
+    ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto``
+    picks ``ggml`` for k-quants, else ``compressed-tensors``. k-quants with ``calibration`` use its
+    per-channel importance (per expert). ``max_memory`` (bytes) bounds how many experts GPTQ solves
+    at once. ``shared_experts_type``/``dense_ffn_type`` refine a k-quant preset.
     """
     started = time.perf_counter()
     out = Path(out)
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
-    plan = make_plan(checkpoint, recipe)
+    plan = make_plan(checkpoint, recipe, shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
+    output_format = _output_format(output_format, plan)
     calib = _load_calibration(calibration, checkpoint, plan)
     report = QuantReport(
         model=str(checkpoint.path),
@@ -137,13 +144,19 @@ def quantize(
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, data, calib)
     encode = _encoder(output_format, plan)
+    if output_format == "gguf":
+        return _quantize_to_gguf(plan, calib, out, overwrite, report, started, show_progress, console)
+    block_weights: dict[str, tuple[str, tuple[int, int]]] = {}
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if item.scheme is not None and item.scheme.activations == "static":
             assert calib is not None
             _write_input_scale(item, weight, calib, plan, writer, record)
         report.tensors.append(record)
-        if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
+        if item.scheme is not None and item.scheme.method == "kquant":
+            assert item.scheme.ggml_type is not None
+            block_weights[item.module] = (item.scheme.ggml_type, (item.shape[0], item.shape[1]))
+        elif item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
             assignments[item.module] = item.scheme
         elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
             float_modules.append(item.module)
@@ -175,7 +188,10 @@ def quantize(
                     continue
                 weight = views[item.name]
                 _check_finite(item.name, weight, checkpoint)
-                finish(item, weight, _write_tensor(item, weight, writer, encode))
+                importance, tokens = _importance(item, calib, plan)
+                record = _write_tensor(item, weight, writer, encode, importance=importance)
+                record.type_rule, record.importance_tokens = plan.type_rules.get(item.name), tokens
+                finish(item, weight, record)
             del tensor, views
         writer.finish()
         config = dict(checkpoint.config)
@@ -185,16 +201,108 @@ def quantize(
             (tmp / gptq_v1.QUANTIZE_CONFIG_FILE).write_text(json.dumps(quantize_config, indent=2) + "\n")
         elif assignments:
             config["quantization_config"] = compressed_tensors.quantization_config(assignments, float_modules)
+        elif block_weights:
+            config["quantization_config"] = ggml_blocks.quantization_config(block_weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in checkpoint.other_files():
             shutil.copy2(file, tmp / file.name)
-        fallbacks = sum(1 for t in report.tensors if t.input_fallback)
-        if fallbacks:
-            report.notes.append(f"{fallbacks} starved expert weight(s) use a fallback input range (see input_fallback)")
+        _add_notes(report)
         report.wall_time_s = time.perf_counter() - started
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report.write(tmp)
     return report
+
+
+def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool, report: QuantReport,
+                      started: float, show_progress: bool, console: Console | None) -> QuantReport:
+    """Write the plan as one llama.cpp GGUF file at ``out`` (atomically) and its report beside it."""
+    import gguf
+    import numpy as np
+
+    from quantkit.formats import gguf_export
+    from quantkit.kquants import BLOCK_FORMATS
+    from quantkit.kquants import decode as decode_blocks
+    from quantkit.kquants import encode as encode_blocks
+
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise QuantkitError(f"--format gguf writes one file, but {out} is a directory")
+    checkpoint = plan.checkpoint
+    items = {t.name: t for t in plan.tensors}
+    sources = gguf_export.gguf_sources(checkpoint)
+
+    def tensors() -> Iterator[tuple[str, gguf.GGMLQuantizationType, np.ndarray]]:
+        for source in track(sources, "quantizing", show_progress, console):
+            data = gguf_export.load_source(checkpoint, source)
+            members = [items[name] for name in source.hf_names if name in items]
+            scheme = members[0].scheme if members else None
+            role = members[0].role.value if members else "other"
+            bytes_before = sum(_numel(m.shape) * m.dtype.itemsize for m in members)
+            if scheme is None or scheme.method != "kquant":
+                ggml_type = gguf.GGMLQuantizationType.F16 if scheme is not None else gguf.GGMLQuantizationType.F32
+                stored = data.astype(np.float16 if scheme is not None else np.float32)
+                error = relative_error(torch.from_numpy(data), torch.from_numpy(stored.astype(np.float32)))
+                report.tensors.append(TensorRecord(
+                    source.name, role, scheme.describe() if scheme else "float", None, None, None, list(data.shape),
+                    ggml_type.name, stored.itemsize * 8.0, bytes_before, stored.nbytes, error))
+                yield source.name, ggml_type, stored
+                continue
+            assert scheme.ggml_type is not None
+            rows = data.reshape(len(members), -1, data.shape[-1])  # one slice per expert (1 for plain weights)
+            blocks, decoded, tokens = [], [], []
+            for member, expert_rows in zip(members, rows, strict=True):
+                importance, n_tokens = _importance(member, calib, plan)
+                weights = None if importance is None else importance.numpy()
+                blocks.append(encode_blocks(scheme.ggml_type, expert_rows, weights))
+                decoded.append(torch.from_numpy(decode_blocks(scheme.ggml_type, blocks[-1], expert_rows.shape[1])))
+                tokens.append(n_tokens)
+            packed = np.stack(blocks).reshape(*data.shape[:-1], -1)
+            record = TensorRecord(
+                source.name, role, scheme.describe(), BLOCK_FORMATS.get(scheme.ggml_type).code_bits, None, None,
+                list(data.shape), scheme.ggml_type,
+                packed.nbytes * 8 / data.size, bytes_before, packed.nbytes,
+                relative_error(torch.from_numpy(rows), torch.stack(decoded)),
+                type_rule=plan.type_rules.get(members[0].name),
+                importance_tokens=None if tokens[0] is None else min(t or 0 for t in tokens),
+            )
+            report.tensors.append(record)
+            yield source.name, gguf.GGMLQuantizationType[scheme.ggml_type], packed
+
+    preset = plan.recipe.default.kquant_preset
+    file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
+    gguf_export.write_gguf(out, checkpoint, tensors(), file_type=int(file_type))
+    _add_notes(report)
+    report.wall_time_s = time.perf_counter() - started
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report_path = out.with_name(out.stem + ".quantkit_report.json")
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _add_notes(report: QuantReport) -> None:
+    """Report notes on fallbacks the per-tensor records hold."""
+    fallbacks = sum(1 for t in report.tensors if t.input_fallback)
+    if fallbacks:
+        report.notes.append(f"{fallbacks} starved expert weight(s) use a fallback input range (see input_fallback)")
+    uniform = sum(1 for t in report.tensors if t.importance_tokens == 0)
+    if uniform:
+        report.notes.append(f"{uniform} k-quant weight(s) of experts without calibration tokens used uniform "
+                            "importance (importance_tokens 0), as llama.cpp does")
+    row_fallbacks = sum(1 for t in report.tensors if t.type_rule and t.type_rule.startswith("fallback"))
+    if row_fallbacks:
+        report.notes.append(f"{row_fallbacks} k-quant weight(s) fell back to another type: rows not divisible by "
+                            "the block size (see type_rule)")
+
+
+def _importance(item: TensorPlan, calib: Calibration | None, plan: QuantPlan) -> tuple[torch.Tensor | None, int | None]:
+    """A k-quant weight's importance from the calibration (and its tokens), or (None, None) without one.
+
+    Embeddings see token ids, not activations: like llama.cpp, they are quantized without importance.
+    """
+    if calib is None or item.scheme is None or item.scheme.method != "kquant" or item.role == Role.EMBEDDING:
+        return None, None
+    return calib.importance(plan.arch, item.name)
 
 
 def _load_calibration(path: str | Path | None, checkpoint: Checkpoint, plan: QuantPlan) -> Calibration | None:
@@ -238,12 +346,27 @@ def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
     return settings_of(calib) if calib is not None else CalibrationSettings()
 
 
+OUTPUT_FORMATS = ("compressed-tensors", "gptq-v1", "ggml", "gguf")
+
+
+def _output_format(requested: str, plan: QuantPlan) -> str:
+    """The concrete output format (``auto`` resolved), checked against the plan's schemes."""
+    kquant = any(t.scheme is not None and t.scheme.method == "kquant" for t in plan.tensors)
+    if requested == "auto":
+        return "ggml" if kquant else "compressed-tensors"
+    if requested not in OUTPUT_FORMATS:
+        raise QuantkitError(f"--format must be auto or one of {', '.join(OUTPUT_FORMATS)}, got {requested!r}")
+    if kquant and requested not in ("ggml", "gguf"):
+        raise QuantkitError(f"k-quant weights are written as --format ggml or gguf, not {requested}")
+    if not kquant and requested in ("ggml", "gguf"):
+        raise QuantkitError(f"--format {requested} holds k-quant weights: use --method kquant")
+    return requested
+
+
 def _encoder(output_format: str, plan: QuantPlan) -> Callable[[str, IntQuantized], dict[str, torch.Tensor]]:
-    """The tensor encoder of ``output_format``, after checking that every scheme can be written in it."""
-    if output_format == "compressed-tensors":
-        return compressed_tensors.encode
+    """The integer-tensor encoder of ``output_format``, after checking that every scheme can be written in it."""
     if output_format != "gptq-v1":
-        raise QuantkitError(f"--format must be compressed-tensors or gptq-v1, got {output_format!r}")
+        return compressed_tensors.encode
     for item in plan.tensors:
         if item.scheme is None or not SCHEMES.get(item.scheme.method).integer:
             continue
@@ -272,7 +395,7 @@ def _gptq_layers(
 
 def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
                   encode: Callable[[str, IntQuantized], dict[str, torch.Tensor]],
-                  quantized: Quantized | None = None) -> TensorRecord:
+                  quantized: Quantized | None = None, importance: torch.Tensor | None = None) -> TensorRecord:
     """Quantize (or copy) one weight into ``writer`` and describe what was done; ``quantized``: done already."""
     bytes_before = weight.numel() * item.dtype.itemsize
     scheme = item.scheme
@@ -282,9 +405,11 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
                             str(weight.dtype).removeprefix("torch."), weight.element_size() * 8.0,
                             bytes_before, bytes_before, None)
     if quantized is None:
-        quantized = SCHEMES.get(scheme.method).quantize(weight, scheme)
-    if isinstance(quantized, IntQuantized):  # noqa: SIM108  (mypy narrows the union only in a statement)
+        quantized = SCHEMES.get(scheme.method).quantize(weight, scheme, importance)
+    if isinstance(quantized, IntQuantized):
         tensors = encode(item.module, quantized)
+    elif isinstance(quantized, BlockQuantized):
+        tensors = ggml_blocks.encode(item.module, quantized)
     else:
         tensors = {item.name: quantized.tensor}
     for name, tensor in tensors.items():
@@ -293,8 +418,8 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
     return TensorRecord(
         name=item.name,
         role=item.role.value,
-        scheme=scheme.describe(),
-        bits=scheme.bits if isinstance(quantized, IntQuantized) else None,
+        scheme=quantized.config.describe(),
+        bits=scheme.bits if isinstance(quantized, IntQuantized) else _code_bits(quantized),
         group_size=scheme.group_size,
         granularity=scheme.granularity if isinstance(quantized, IntQuantized) else None,
         shape=list(item.shape),
@@ -304,6 +429,15 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
         bytes_after=bytes_after,
         rel_error=relative_error(weight, quantized.dequantize()),
     )
+
+
+def _code_bits(quantized: Quantized) -> int | None:
+    """The integer bits of a block type's codes (4 for Q4_K); None for float casts."""
+    if isinstance(quantized, BlockQuantized):
+        from quantkit.kquants import BLOCK_FORMATS
+
+        return BLOCK_FORMATS.get(quantized.ggml_type).code_bits
+    return None
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

@@ -31,7 +31,9 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(help="Checkpoint directory or hub id; default: the bundled demo model.", show_default=False),
 ]
-MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | fp16 | bf16.")]
+MethodOpt = Annotated[
+    str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | fp16 | bf16.")
+]
 BitsOpt = Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")]
 GroupOpt = Annotated[int | None, typer.Option("--group-size", "-g", help="Weights per scale along a row.")]
 GranularityOpt = Annotated[
@@ -52,7 +54,18 @@ ActivationsOpt = Annotated[
 RangeMethodOpt = Annotated[
     str | None, typer.Option("--range-method", help="Static activation ranges: minmax | percentile | mse | kl.")
 ]
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Named recipe (see `quantkit presets`).")]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Named recipe or k-quant preset, e.g. Q4_K_M (`quantkit presets`).")
+]
+TypeOpt = Annotated[
+    str | None, typer.Option("--type", "-t", help="kquant: one ggml type for every weight (Q2_K..Q6_K, Q8_0, ...).")
+]
+SharedTypeOpt = Annotated[
+    str | None, typer.Option("--shared-experts-type", help="kquant preset: ggml type of the shared experts.")
+]
+DenseTypeOpt = Annotated[
+    str | None, typer.Option("--dense-ffn-type", help="kquant preset: ggml type of dense (non-MoE) layers' FFN.")
+]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe file (YAML or JSON).")]
 SharedBitsOpt = Annotated[
     int | None, typer.Option("--shared-experts-bits", help="Bits for shared experts (routed experts keep the default).")
@@ -115,14 +128,18 @@ def inspect(
     recipe: RecipeOpt = None,
     shared_experts_bits: SharedBitsOpt = None,
     ignore: IgnoreOpt = None,
+    ggml_type: TypeOpt = None,
+    shared_experts_type: SharedTypeOpt = None,
+    dense_ffn_type: DenseTypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Architecture, layers, experts (routed/shared), parameters, and what the recipe would do."""
     from quantkit import api
 
     overrides = {"method": method, "bits": bits, "group_size": group_size, "granularity": granularity,
-                 "range": range_mode}
-    info = api.inspect(model, build_recipe(preset, recipe, overrides, shared_experts_bits, ignore))
+                 "range": range_mode, "ggml_type": ggml_type}
+    info = api.inspect(model, build_recipe(preset, recipe, overrides, shared_experts_bits, ignore),
+                       shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
     if as_json:
         console.print_json(json.dumps(info))
         return
@@ -165,6 +182,9 @@ def quantize(
     recipe: RecipeOpt = None,
     shared_experts_bits: SharedBitsOpt = None,
     ignore: IgnoreOpt = None,
+    ggml_type: TypeOpt = None,
+    shared_experts_type: SharedTypeOpt = None,
+    dense_ffn_type: DenseTypeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard size, e.g. 2GB, 500MB.")] = "2GB",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the report).")] = 0,
@@ -194,14 +214,15 @@ def quantize(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="GPTQ: cpu | cuda | auto.")] = "auto",
     output_format: Annotated[
-        str, typer.Option("--format", help="compressed-tensors (pack-quantized) | gptq-v1 (GPTQ only).")
-    ] = "compressed-tensors",
+        str, typer.Option("--format", help="auto | compressed-tensors | gptq-v1 (GPTQ) | ggml | gguf (kquant).")
+    ] = "auto",
     max_memory: Annotated[
         str | None, typer.Option("--max-memory", help="GPTQ: memory for experts solved at once, e.g. 4GB.")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize MODEL into quantized safetensors (compressed-tensors or GPTQ v1) plus quantkit_report.json."""
+    """Quantize MODEL into quantized safetensors (compressed-tensors, GPTQ v1 or ggml blocks) or a GGUF file,
+    plus a quantkit report."""
     from quantkit import api
     from quantkit.model.checkpoint import resolve_model_path
 
@@ -209,12 +230,13 @@ def quantize(
                  "range": range_mode, "clip": weight_clip, "percentile": percentile, "activations": activations,
                  "activation_range": range_method, "act_order": act_order or None,
                  "static_groups": static_groups or None, "symmetric": sym or None, "damp": damp,
-                 "block_size": block_size}
+                 "block_size": block_size, "ggml_type": ggml_type}
     chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
     data = _gptq_data(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
                       resolve_device(device))
     if out is None:
-        out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}")
+        suffix = ".gguf" if output_format == "gguf" else ""
+        out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}{suffix}")
     report = api.quantize(
         model,
         chosen,
@@ -226,6 +248,8 @@ def quantize(
         data=data,
         output_format=output_format,
         max_memory=parse_size(max_memory) if max_memory is not None else None,
+        shared_experts_type=shared_experts_type,
+        dense_ffn_type=dense_ffn_type,
         command=["quantkit", *sys.argv[1:]],
         show_progress=not as_json,
         console=err_console,
@@ -449,23 +473,42 @@ def resolve_device(device: str) -> str:
 
 @app.command()
 @user_errors
-def presets(as_json: JsonOpt = False) -> None:
-    """List the named recipes and their rules."""
+def presets(
+    name: Annotated[str | None, typer.Argument(help="A k-quant preset to show rule by rule, e.g. Q4_K_M.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the named recipes and the k-quant presets with their llama.cpp tensor-type rules."""
+    from quantkit.kquants.presets import PRESETS as KQUANT_PRESETS
+    from quantkit.kquants.presets import preset_rules, presets_table
     from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
 
+    if name is not None:
+        type_rules = preset_rules(name)
+        if as_json:
+            console.print_json(json.dumps([{"tensors": t, "type": r} for t, r in type_rules]))
+            return
+        rules_table = Table(title=f"{name}: llama.cpp tensor-type rules (first match wins)")
+        rules_table.add_column("tensors")
+        rules_table.add_column("type")
+        for tensors, rule in type_rules:
+            rules_table.add_row(tensors, rule)
+        console.print(rules_table)
+        return
     if as_json:
-        console.print_json(json.dumps({n: r.to_dict() for n, r in PRESETS.items()}))
+        console.print_json(json.dumps({"recipes": {n: r.to_dict() for n, r in PRESETS.items()},
+                                       "kquant": {n: dict(preset_rules(n)) for n in KQUANT_PRESETS}}))
         return
     table = Table(title="presets (use --preset NAME)")
     for column in ("name", "default", "rules", "ignore", "description"):
         table.add_column(column)
-    for name, recipe in PRESETS.items():
+    for recipe_name, recipe in PRESETS.items():
         rules = "\n".join(
             f"{', '.join(r.patterns)} → {recipe.default.with_updates(**r.changes).describe()}" for r in recipe.rules
         )
-        table.add_row(name, recipe.default.describe(), rules or "—", ", ".join(recipe.ignore),
-                      PRESET_DESCRIPTIONS.get(name, ""))
+        table.add_row(recipe_name, recipe.default.describe(), rules or "—", ", ".join(recipe.ignore),
+                      PRESET_DESCRIPTIONS.get(recipe_name, ""))
     console.print(table)
+    console.print(presets_table())
 
 
 def parse_size(text: str) -> int:

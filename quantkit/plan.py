@@ -44,14 +44,20 @@ class QuantPlan:
     recipe: Recipe
     sources: list[SourcePlan]
     unexpected: list[str] = field(default_factory=list)
+    type_rules: dict[str, str] = field(default_factory=dict)  # kquant: why each tensor got its block type
 
     @property
     def tensors(self) -> list[TensorPlan]:
         return [t for s in self.sources for t in s.outputs]
 
 
-def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
-    """Resolve the recipe for every tensor and validate the checkpoint against its config."""
+def make_plan(checkpoint: Checkpoint, recipe: Recipe, *, shared_experts_type: str | None = None,
+              dense_ffn_type: str | None = None) -> QuantPlan:
+    """Resolve the recipe for every tensor and validate the checkpoint against its config.
+
+    k-quant tensors get their block type here (a preset's rules, refined by ``shared_experts_type``
+    and ``dense_ffn_type``, see :mod:`quantkit.kquants.assign`).
+    """
     if "quantization_config" in checkpoint.config:
         raise QuantkitError(f"{checkpoint.path} is already quantized; use its float original instead")
     arch = get_arch(checkpoint.model_type)
@@ -82,7 +88,10 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
             SourcePlan(s.source, tuple(replace(t, scheme=None) if t.name in unknown else t for t in s.outputs))
             for s in sources
         ]
-    return QuantPlan(checkpoint, arch, recipe, sources, unexpected)
+    from quantkit.kquants.assign import resolve_kquant_types  # it builds on this module
+
+    return resolve_kquant_types(QuantPlan(checkpoint, arch, recipe, sources, unexpected), shared_experts_type,
+                                dense_ffn_type)
 
 
 def natural_key(name: str) -> list[tuple[int, int, str]]:

@@ -222,6 +222,11 @@ DEFAULT_PRESET = "int8"
 
 
 def get_preset(name: str) -> Recipe:
+    """A named recipe, or a k-quant preset (``Q4_K_M``: llama.cpp's per-tensor type rules)."""
+    from quantkit.kquants.presets import PRESETS as KQUANT_PRESETS
+
+    if name in KQUANT_PRESETS:
+        return Recipe(SchemeConfig(method="kquant", kquant_preset=name), name=name)
     if name not in PRESETS:
-        raise QuantkitError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise QuantkitError(f"unknown preset {name!r}; presets: {', '.join([*PRESETS, *KQUANT_PRESETS])}")
     return PRESETS[name]

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from quantkit.calib import imatrix
 from quantkit.calib.histogram import AbsHistogram
 from quantkit.calib.observers import SiteStats, Statistics
 from quantkit.calib.ranges import RANGE_SELECTORS
@@ -99,6 +100,16 @@ class Calibration:
             select = RANGE_SELECTORS.get(selector)
             self._ranges[key] = float(select(hist, **options)) if hist.num_bins else 0.0  # no bins: all zeros
         return self._ranges[key]
+
+    def importance(self, arch: ArchSpec, disk_weight: str) -> tuple[torch.Tensor, int]:
+        """llama-quantize's importance of ``disk_weight``'s input channels (float32 ``[in]``) and its tokens.
+
+        The mean of x^2 per input channel over the tokens the weight saw; all ones (uniform, as
+        llama.cpp does) for an expert that saw none.
+        """
+        site, expert = self.lookup(arch, disk_weight)
+        tokens = site.tokens[expert : expert + 1]
+        return imatrix.importance(site.sum_sq[expert : expert + 1], tokens)[0], int(tokens[0])
 
     def starved(self) -> list[dict[str, Any]]:
         """Experts whose statistics rest on fewer than ``min_expert_tokens`` tokens."""

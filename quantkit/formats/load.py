@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import compressed_tensors, gptq_v1
+from quantkit.formats import compressed_tensors, ggml_blocks, gptq_v1
 from quantkit.jsonfile import read_json_object
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
@@ -28,6 +28,8 @@ def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     if gptq_config is not None:
         return _dequantized_gptq_state(checkpoint, gptq_config)
     quant_config = checkpoint.config.get("quantization_config")
+    if quant_config is not None and ggml_blocks.is_ggml_blocks(quant_config):
+        return _dequantized_block_state(checkpoint, quant_config)
     groups = compressed_tensors.module_args(quant_config) if quant_config else []
     modules = {n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")}
     state = _unquantized_tensors(checkpoint, modules, compressed_tensors.SUFFIXES)
@@ -75,6 +77,15 @@ def _dequantized_gptq_state(checkpoint: Checkpoint, quant_config: dict[str, Any]
     return state
 
 
+def _dequantized_block_state(checkpoint: Checkpoint, quant_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    suffix = f".{ggml_blocks.SUFFIX}"
+    modules = {n.removesuffix(suffix) for n in checkpoint.tensors if n.endswith(suffix)}
+    state = _unquantized_tensors(checkpoint, modules, (ggml_blocks.SUFFIX,))
+    for module in sorted(modules):
+        state[f"{module}.weight"] = ggml_blocks.decode_weight(module, checkpoint.get(module + suffix), quant_config)
+    return state
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
     """Load a quantkit output (or any float checkpoint) as a float ``transformers`` model.
 
@@ -115,7 +126,7 @@ def simulate_input_quantization(model: Any, checkpoint: Checkpoint) -> int:
     experts forward, which quantizes each expert's inputs with that expert's own scale.
     """
     quant_config = checkpoint.config.get("quantization_config")
-    if not quant_config or quant_config.get("quant_method") == gptq_v1.QUANT_METHOD:  # GPTQ: weight-only
+    if not quant_config or quant_config.get("quant_method") in (gptq_v1.QUANT_METHOD, ggml_blocks.QUANT_METHOD):
         return 0
     arch = get_arch(checkpoint.model_type)
     groups = compressed_tensors.module_args(quant_config)

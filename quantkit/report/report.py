@@ -35,6 +35,8 @@ class TensorRecord:
     input_tokens: int | None = None  # calibration tokens behind it (this expert's, for routed experts)
     input_fallback: str | None = None  # why the range is not this tensor's own (starved expert)
     gptq: dict[str, Any] | None = None  # GPTQ: loss, damp, retries, tokens, fallback
+    type_rule: str | None = None  # kquant: the preset rule (or fallback) that chose the block type
+    importance_tokens: int | None = None  # kquant with --calibration: tokens behind the importance (0: uniform)
 
 
 @dataclass

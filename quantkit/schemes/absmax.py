@@ -18,7 +18,9 @@ from quantkit.schemes.grid import Grid
 
 
 class AbsmaxScheme(Scheme):
-    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> IntQuantized:
+    def quantize(
+        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+    ) -> IntQuantized:
         grid = Grid(config.bits, True, storage_dtype(weight), config.range, config.clip, config.percentile)
         groups = group_view(weight, config)  # (rows, n_groups, group)
         scale, _ = grid.params(groups)  # (rows, n_groups)

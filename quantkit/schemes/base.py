@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
@@ -42,9 +43,13 @@ class SchemeConfig:
     static_groups: bool = False  # gptq: group parameters fixed before the act-order permutation
     damp: float = 0.01  # gptq: dampening added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128  # gptq: columns per lazy batch update
+    ggml_type: str | None = None  # kquant: the ggml block type (Q4_K, ...); None: chosen by kquant_preset
+    kquant_preset: str | None = None  # kquant: llama.cpp-style preset deciding each tensor's type (Q4_K_M, ...)
 
     def describe(self) -> str:
         scheme = SCHEMES.get(self.method)
+        if self.method == "kquant":
+            return f"kquant {self.ggml_type or self.kquant_preset}"
         if not scheme.integer:
             return self.method
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
@@ -69,6 +74,8 @@ class SchemeConfig:
     def validate(self) -> None:
         """One-line errors for impossible settings (independent of any tensor)."""
         scheme = SCHEMES.get(self.method)
+        if self.method == "kquant":
+            self._validate_kquant()
         if not scheme.integer:
             if self.activations != "none":
                 raise QuantkitError(f"activation quantization needs an integer weight method, not {self.method}")
@@ -97,8 +104,21 @@ class SchemeConfig:
 
         RANGE_SELECTORS.get(self.activation_range)
 
+    def _validate_kquant(self) -> None:
+        from quantkit.kquants import BLOCK_FORMATS
+        from quantkit.kquants.presets import PRESETS
+
+        if self.ggml_type is None and self.kquant_preset is None:
+            raise QuantkitError("kquant needs a block type (--type Q4_K) or a preset (--preset Q4_K_M)")
+        if self.ggml_type is not None:
+            BLOCK_FORMATS.get(self.ggml_type)
+        if self.kquant_preset is not None:
+            PRESETS.get(self.kquant_preset)
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """One-line error when ``name`` of ``shape`` cannot take this scheme."""
+        if self.method == "kquant" and len(shape) != 2:
+            raise QuantkitError(f"{name}: kquant quantizes 2-D weights, got shape {list(shape)}")
         if not SCHEMES.get(self.method).integer:
             return
         if len(shape) != 2:
@@ -160,7 +180,30 @@ class CastTensor:
         return float(self.tensor.element_size() * 8)
 
 
-Quantized = IntQuantized | CastTensor
+@dataclass
+class BlockQuantized:
+    """A weight as ggml blocks: uint8 ``data [out, row_bytes]`` of block type ``ggml_type``.
+
+    ``importance`` records whether ggml's importance-weighted encoder made the blocks.
+    """
+
+    data: np.ndarray
+    ggml_type: str
+    shape: tuple[int, int]
+    config: SchemeConfig
+    importance: bool = False
+
+    def dequantize(self) -> torch.Tensor:
+        from quantkit.kquants import decode
+
+        return torch.from_numpy(decode(self.ggml_type, self.data, self.shape[1]))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.data.size * 8 / (self.shape[0] * self.shape[1])
+
+
+Quantized = IntQuantized | CastTensor | BlockQuantized
 
 
 class Scheme(ABC):
@@ -170,8 +213,12 @@ class Scheme(ABC):
     needs_hessian: bool = False  # quantized by the layer-by-layer GPTQ pipeline, not tensor by tensor
 
     @abstractmethod
-    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> Quantized:
-        """Quantize a 2-D float weight ``[out, in]``."""
+    def quantize(self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None) -> Quantized:
+        """Quantize a 2-D float weight ``[out, in]``.
+
+        ``importance`` (float32 ``[in]``, the mean square of each input channel from calibration) is
+        used by schemes that weight their error by it (k-quants) and ignored by the others.
+        """
 
 
 SCHEMES: Registry[Scheme] = Registry("method")
@@ -239,6 +286,11 @@ def dequantize_codes(
 
 def estimate_bits_per_weight(config: SchemeConfig, shape: tuple[int, ...], scale_bits: int) -> float:
     """Storage bits per weight of ``config`` on a weight of ``shape``, without quantizing it."""
+    if config.method == "kquant":
+        from quantkit.kquants import BLOCK_FORMATS
+
+        assert config.ggml_type is not None, "plans resolve every kquant tensor's block type"
+        return BLOCK_FORMATS.get(config.ggml_type).bits_per_weight
     if not SCHEMES.get(config.method).integer:
         return 16.0
     out_features, in_features = shape

@@ -13,7 +13,9 @@ class CastScheme(Scheme):
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
-    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> CastTensor:
+    def quantize(
+        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+    ) -> CastTensor:
         return CastTensor(weight.to(self.dtype), config)
 
 

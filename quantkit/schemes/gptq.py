@@ -16,7 +16,9 @@ from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, SchemeConfig
 class GptqScheme(Scheme):
     needs_hessian = True
 
-    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> IntQuantized:
+    def quantize(
+        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+    ) -> IntQuantized:
         from quantkit.gptq.solver import gptq_quantize
 
         result = gptq_quantize(

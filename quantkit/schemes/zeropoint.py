@@ -15,7 +15,9 @@ from quantkit.schemes.grid import Grid
 
 
 class ZeroPointScheme(Scheme):
-    def quantize(self, weight: torch.Tensor, config: SchemeConfig) -> IntQuantized:
+    def quantize(
+        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+    ) -> IntQuantized:
         grid = Grid(config.bits, False, storage_dtype(weight), clip=config.clip, percentile=config.percentile)
         groups = group_view(weight, config)  # (rows, n_groups, group)
         scale, zero_point = grid.params(groups)  # (rows, n_groups)

@@ -1,0 +1,63 @@
+"""quantkit's safetensors layout for ggml block weights (``--method kquant``).
+
+Each quantized linear ``<module>`` is stored as one uint8 tensor ``<module>.weight_blocks`` of shape
+``[out, row_bytes]``: every row is the row's ggml blocks, byte for byte what llama.cpp stores.
+``config.json`` records the block type and float shape of every such weight::
+
+    "quantization_config": {
+        "quant_method": "quantkit-ggml", "format_version": 1,
+        "weights": {"model.layers.0.self_attn.q_a_proj": {"type": "Q4_K", "shape": [128, 256]}, ...}
+    }
+
+Tensors the preset keeps in float stay under their own names in their own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.kquants import BLOCK_FORMATS, decode
+from quantkit.schemes.base import BlockQuantized
+
+QUANT_METHOD = "quantkit-ggml"
+FORMAT_VERSION = 1
+SUFFIX = "weight_blocks"
+
+
+def encode(module: str, quantized: BlockQuantized) -> dict[str, torch.Tensor]:
+    return {f"{module}.{SUFFIX}": torch.from_numpy(np.ascontiguousarray(quantized.data))}
+
+
+def quantization_config(weights: dict[str, tuple[str, tuple[int, int]]]) -> dict[str, Any]:
+    """``config.json``'s quantization_config for block-quantized modules: module -> (ggml type, float shape)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "weights": {module: {"type": type_name, "ggml_type_id": int(gguf.GGMLQuantizationType[type_name]),
+                             "shape": list(shape)} for module, (type_name, shape) in sorted(weights.items())},
+    }
+
+
+def is_ggml_blocks(quant_config: dict[str, Any] | None) -> bool:
+    return quant_config is not None and quant_config.get("quant_method") == QUANT_METHOD
+
+
+def decode_weight(module: str, blocks: torch.Tensor, quant_config: dict[str, Any]) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` of ``module`` from its stored blocks."""
+    if quant_config.get("format_version") != FORMAT_VERSION:
+        raise QuantkitError(f"unsupported {QUANT_METHOD} format_version {quant_config.get('format_version')!r}")
+    entry = quant_config.get("weights", {}).get(module)
+    if entry is None:
+        raise QuantkitError(f"{module}.{SUFFIX} has no entry in quantization_config.weights")
+    out_features, in_features = entry["shape"]
+    fmt = BLOCK_FORMATS.get(entry["type"])
+    if tuple(blocks.shape) != (out_features, fmt.row_bytes(in_features)) or blocks.dtype != torch.uint8:
+        raise QuantkitError(
+            f"{module}.{SUFFIX}: {blocks.dtype} {list(blocks.shape)} does not hold {entry['type']} {entry['shape']}"
+        )
+    return torch.from_numpy(decode(entry["type"], blocks.numpy(), in_features))

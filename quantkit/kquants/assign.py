@@ -1,0 +1,98 @@
+"""The block type of every k-quant weight in a plan: a preset's llama.cpp rules, or one ``--type``.
+
+Plans name tensors as the Hugging Face checkpoint does; llama.cpp's rules speak of GGUF names
+(``blk.3.ffn_down_exps.weight``), where a layer's routed experts are one tensor. Each planned
+tensor is mapped to its GGUF name (experts of a layer share one, so they always share a type),
+the preset assigns a type per GGUF tensor, and the assignment comes back to every Hugging Face
+tensor behind it: a block type, ``F16`` (a float16 cast) or ``F32`` (kept as it is).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf_names import gguf_name
+from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallback_type
+from quantkit.model.archs.base import Role
+from quantkit.plan import QuantPlan, SourcePlan, TensorPlan
+from quantkit.schemes import SchemeConfig
+
+PRESET_EXTRA_ROLES = (Role.EMBEDDING, Role.LM_HEAD)  # llama.cpp's presets quantize these too
+
+
+def resolve_kquant_types(plan: QuantPlan, shared_experts_type: str | None = None,
+                         dense_ffn_type: str | None = None) -> QuantPlan:
+    """``plan`` with a concrete ``ggml_type`` on every kquant tensor (or a float scheme where rules say so)."""
+    default = plan.recipe.default
+    kquant = [t for t in plan.tensors if t.scheme is not None and t.scheme.method == "kquant"]
+    if not kquant and default.method != "kquant":
+        if shared_experts_type or dense_ffn_type:
+            raise QuantkitError("--shared-experts-type and --dense-ffn-type apply to --method kquant only")
+        return plan
+    preset = default.kquant_preset
+    assignments: dict[str, Assignment] = {}
+    if preset is not None:
+        assignments = _preset_assignments(plan, preset, shared_experts_type, dense_ffn_type)
+    elif shared_experts_type or dense_ffn_type:
+        raise QuantkitError("--shared-experts-type and --dense-ffn-type refine a preset: add --preset, e.g. Q4_K_M")
+    resolved: dict[str, tuple[SchemeConfig | None, str]] = {}
+    for item in plan.tensors:
+        scheme = item.scheme
+        candidate = scheme is not None and scheme.method == "kquant"
+        extra = preset is not None and scheme is None and item.role in PRESET_EXTRA_ROLES and len(item.shape) == 2
+        if not (candidate or extra) or _ignored(plan, item):
+            continue
+        base = scheme if scheme is not None else default
+        if base.ggml_type is not None:  # an explicit type (--type or a recipe rule): only the row fallback applies
+            assignment = fallback_type(base.ggml_type, item.shape[-1]) or Assignment(base.ggml_type, "--type")
+        else:
+            assignment = assignments[item.name]
+        resolved[item.name] = (_scheme_of(base, assignment.type), assignment.rule)
+    sources = [
+        SourcePlan(s.source, tuple(replace(t, scheme=resolved[t.name][0]) if t.name in resolved else t
+                                   for t in s.outputs))
+        for s in plan.sources
+    ]
+    rules = {name: rule for name, (_, rule) in resolved.items()}
+    return QuantPlan(plan.checkpoint, plan.arch, plan.recipe, sources, plan.unexpected, rules)
+
+
+def _scheme_of(base: SchemeConfig, type_name: str) -> SchemeConfig | None:
+    if type_name == "F32":
+        return None
+    if type_name == "F16":
+        return SchemeConfig(method="fp16")
+    return replace(base, method="kquant", ggml_type=type_name)
+
+
+def _ignored(plan: QuantPlan, item: TensorPlan) -> bool:
+    from quantkit.recipe import pattern_matches
+
+    return any(pattern_matches(p, item.name, item.role) for p in plan.recipe.ignore)
+
+
+def _preset_assignments(plan: QuantPlan, preset: str, shared_experts_type: str | None,
+                        dense_ffn_type: str | None) -> dict[str, Assignment]:
+    """The preset's assignment of every planned tensor with a GGUF name, keyed by Hugging Face name."""
+    config = plan.checkpoint.config
+    n_layers = plan.arch.num_layers(config)
+    by_gguf: dict[str, list[TensorPlan]] = defaultdict(list)
+    unknown = set(plan.unexpected)
+    for item in plan.tensors:
+        if item.name in unknown:
+            continue
+        name, _ = gguf_name(plan.checkpoint.model_type, item.name, n_layers)
+        by_gguf[name].append(item)
+    specs = [
+        TensorSpec(name, tuple(items[0].shape) if len(items) == 1 else (len(items), *items[0].shape))
+        for name, items in by_gguf.items()
+    ]
+    n_head = int(config.get("num_attention_heads", 1))
+    types = assign_types(
+        preset, specs, n_layers=n_layers, n_experts=plan.arch.num_experts(config) or 0, n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head), shared_experts_type=shared_experts_type,
+        dense_ffn_type=dense_ffn_type,
+    )
+    return {item.name: types[name] for name, items in by_gguf.items() for item in items}

@@ -1,0 +1,433 @@
+"""llama.cpp's k-quant presets (``Q4_K_M`` ...): which ggml type each GGUF tensor gets.
+
+A port of ``llama_tensor_get_type`` and its helpers (``tensor_get_category``,
+``tensor_allows_quantization``, ``tensor_type_fallback``, ``llama_ftype_get_default_type``) from
+``src/llama-quant.cpp`` of the llama.cpp vendored in llama-cpp-python 0.3.36, for the non-IQ file
+types Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K and Q8_0 with no imatrix and no user overrides
+(``--tensor-type``, ``--output-tensor-type``, ``--pure``). As in llama.cpp:
+
+* tensors are visited in llama.cpp's file order (``weight_name_comparer``: by block number, then
+  name); the attn_v-like tensors (``attn_v``, ``attn_qkv``, ``attn_kv_b``) are counted in that
+  order, and ``ffn_down`` is placed by its block number when ``n_expert > 1`` (merged
+  ``ffn_down_exps`` and ``ffn_down_shexp`` of a block share it), else by a running count;
+* the 8-expert special cases test ``n_expert == 8`` exactly (Mixtral), not ``>= 8``;
+* with no ``output.weight`` (tied embeddings) ``token_embd`` takes the output rules.
+
+Left out: the architecture- and size-specific rules (Falcon, GLM5-next, the Llama-70B attn_v bump,
+which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. Differences from llama.cpp:
+
+* row-length fallback: llama.cpp's Q5_K -> Q5_1 has no Q5_1 here, so Q5_K falls back to Q8_0:
+  Q5_0 would be a downgrade (llama-quantize lists Q5_0 at +0.1316 ppl against Q5_K_S's +0.1049 on
+  Llama-3-8B), and llama.cpp's fallbacks never lose accuracy. Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0 and
+  Q6_K -> Q8_0 are llama.cpp's own; a row that is not a multiple of 32 either stays F16;
+* two MoE options llama.cpp lacks: ``shared_experts_type`` sets ``ffn_{gate,up,down}_shexp`` and
+  ``dense_ffn_type`` the FFN of dense blocks (``ffn_{gate,up,down}`` without experts, e.g.
+  DeepSeek's first_k_dense_replace blocks; in a dense model that is every FFN). Both replace the
+  preset's choice exactly, as ``--tensor-type`` does, and are still subject to the fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gguf
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+from quantkit.registry import Registry
+
+OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16")
+KEEP = "F32"  # the type reported for a tensor that is left as it is
+
+# tensor_type_fallback, with Q8_0 in place of llama.cpp's Q5_1 for Q5_K (see the module docstring)
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}
+
+
+def block_size(type_name: str) -> int:
+    """Weights per block of a ggml type (256 for k-quants, 32 for Q4_0/Q5_0/Q8_0, 1 for F16/F32)."""
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
+def type_bits_per_weight(type_name: str) -> float:
+    """Storage bits per weight of a ggml type (Q4_K: 4.5, Q6_K: 6.5625, Q8_0: 8.5 ...)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return size * 8 / block
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which layers a rule picks: ``picks(index, count, n_gqa)``; the texts describe a hit or miss."""
+
+    describe: str
+    hit: str
+    miss: str
+    picks: Callable[[int, int, int], bool]
+
+
+EVERY_LAYER = Selector("", "in every layer", "", lambda i, n, gqa: True)
+MORE_BITS = Selector(
+    "on use_more_bits layers (first and last n/8, every 3rd between)",
+    "on a more-bits layer",
+    "off the more-bits layers",
+    lambda i, n, gqa: use_more_bits(i, n),
+)
+FIRST_16TH = Selector(
+    "on layers < n/16", "in the first n/16 layers", "past the first n/16 layers", lambda i, n, gqa: i < n // 16
+)
+FIRST_8TH = Selector(
+    "on layers < n/8", "in the first n/8 layers", "past the first n/8 layers", lambda i, n, gqa: i < n // 8
+)
+FIRST_2 = Selector("on the first 2 of them", "among the first 2", "past the first 2", lambda i, n, gqa: i < 2)
+FIRST_4 = Selector("on the first 4 of them", "among the first 4", "past the first 4", lambda i, n, gqa: i < 4)
+GQA_4 = Selector("if n_head/n_head_kv >= 4", "with n_gqa >= 4", "with n_gqa < 4", lambda i, n, gqa: gqa >= 4)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``type`` where ``where`` picks the layer, else ``otherwise`` (None: the preset's base type)."""
+
+    type: str
+    where: Selector = EVERY_LAYER
+    otherwise: str | None = None
+
+    def describe(self, base: str) -> str:
+        if self.where is EVERY_LAYER:
+            return self.type
+        return f"{self.type} {self.where.describe}, else {self.otherwise or base}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A llama.cpp file type: its base type and the per-category rules of ``llama_tensor_get_type``."""
+
+    name: str
+    base: str  # llama_ftype_get_default_type
+    note: str  # llama-quantize's size and perplexity line
+    attn_v: Rule | None = None  # attn_v, attn_qkv, attn_kv_b
+    ffn_down: Rule | None = None
+    attn_output: Rule | None = None
+    attn_output_8_experts: str | None = None  # attn_output when n_expert == 8
+
+
+PRESET_ORDER = (
+    Preset("Q2_K", "Q2_K", "2.96G, +3.5199 ppl @ Llama-3-8B", attn_v=Rule("Q4_K", GQA_4, "Q3_K"),
+           ffn_down=Rule("Q3_K"), attn_output=Rule("Q3_K"), attn_output_8_experts="Q5_K"),
+    Preset("Q3_K_S", "Q3_K", "3.41G, +1.6321 ppl @ Llama-3-8B", attn_output_8_experts="Q5_K"),
+    Preset("Q3_K_M", "Q3_K", "3.74G, +0.6569 ppl @ Llama-3-8B", attn_v=Rule("Q5_K", FIRST_2, "Q4_K"),
+           ffn_down=Rule("Q5_K", FIRST_16TH, "Q4_K"), attn_output=Rule("Q4_K"), attn_output_8_experts="Q5_K"),
+    Preset("Q3_K_L", "Q3_K", "4.03G, +0.5562 ppl @ Llama-3-8B", attn_v=Rule("Q5_K"), ffn_down=Rule("Q5_K"),
+           attn_output=Rule("Q5_K")),
+    Preset("Q4_K_S", "Q4_K", "4.37G, +0.2689 ppl @ Llama-3-8B", attn_v=Rule("Q5_K", FIRST_4),
+           ffn_down=Rule("Q5_K", FIRST_8TH), attn_output_8_experts="Q5_K"),
+    Preset("Q4_K_M", "Q4_K", "4.58G, +0.1754 ppl @ Llama-3-8B", attn_v=Rule("Q6_K", MORE_BITS),
+           ffn_down=Rule("Q6_K", MORE_BITS), attn_output_8_experts="Q5_K"),
+    Preset("Q5_K_S", "Q5_K", "5.21G, +0.1049 ppl @ Llama-3-8B"),
+    Preset("Q5_K_M", "Q5_K", "5.33G, +0.0569 ppl @ Llama-3-8B", attn_v=Rule("Q6_K", MORE_BITS),
+           ffn_down=Rule("Q6_K", MORE_BITS)),
+    Preset("Q6_K", "Q6_K", "6.14G, +0.0217 ppl @ Llama-3-8B"),
+    Preset("Q8_0", "Q8_0", "7.96G, +0.0026 ppl @ Llama-3-8B"),
+)
+PRESETS: Registry[Preset] = Registry("k-quant preset")
+for _preset in PRESET_ORDER:
+    PRESETS.add(_preset.name, _preset)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor to place: its GGUF name and numpy shape ``[..., n_rows, n_per_row]``."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The type chosen for a tensor (``F32``: left unquantized) and why."""
+
+    type: str
+    rule: str
+    fallback_from: str | None = None  # the type the rules chose when the row length forced another
+
+
+# tensor_get_category: the first substring that occurs names the category (order matters)
+_CATEGORIES = (
+    ("attn_qkv.weight", "attn_qkv"),
+    ("attn_kv_b.weight", "attn_kv_b"),
+    ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"),
+    ("attn_q.weight", "attn_q"),
+    ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"),
+    ("ffn_gate", "ffn_gate"),
+    ("ffn_down", "ffn_down"),
+)
+_ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")
+_TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
+
+# tensor_allows_quantization's name checks that do not depend on the architecture
+_KEPT_EXACT = ("position_embd.weight", "token_types.weight")
+_KEPT_SUBSTRINGS = (
+    "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
+    "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight",
+    "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
+    "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight",
+    "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
+    ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger",
+    "a.rvq.codebook", "mm.a.code_embd",
+)
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+_SHARED_EXPERT = re.compile(r"\.ffn_(gate|up|down)_shexp\.weight$")
+_DENSE_FFN = re.compile(r"\.ffn_(gate|up|down)\.weight$")
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in _TOKEN_EMBD:
+        return "token_embd"
+    return next((category for text, category in _CATEGORIES if text in name), "other")
+
+
+def _block_of(name: str) -> int | None:
+    match = _BLOCK.match(name)
+    return int(match[1]) if match else None
+
+
+def _file_order(spec: TensorSpec) -> tuple[int, str]:
+    block = _block_of(spec.name)
+    return (-1 if block is None else block, spec.name)
+
+
+def _ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """``ggml_n_dims``: dimensions up to the last one (ggml order) longer than 1."""
+    ne = shape[::-1]
+    return next((i + 1 for i in range(len(ne) - 1, 0, -1) if ne[i] > 1), 1)
+
+
+def _kept_reason(spec: TensorSpec) -> str | None:
+    """Why ``tensor_allows_quantization`` leaves this tensor as it is, or None if it is quantized."""
+    name = spec.name
+    if _ggml_n_dims(spec.shape) < 2:
+        return "1-D: never quantized"
+    if not name.endswith("weight"):
+        return "not a weight: never quantized"
+    if "_norm.weight" in name:
+        return "norm: never quantized"
+    if "ffn_gate_inp.weight" in name:
+        return "router: never quantized"
+    if name in _KEPT_EXACT:
+        return "position/token-type embedding: never quantized"
+    kept = next((text for text in _KEPT_SUBSTRINGS if text in name), None)
+    return f"{kept}: never quantized" if kept else None
+
+
+def _check_type(type_name: str | None, option: str) -> str | None:
+    if type_name is not None and type_name not in OVERRIDE_TYPES:
+        raise QuantkitError(f"unknown tensor type {type_name!r} for {option}; supported: {', '.join(OVERRIDE_TYPES)}")
+    return type_name
+
+
+@dataclass
+class _State:
+    """``quantize_state_impl``: the model facts and the running counters of one assignment."""
+
+    preset: Preset
+    n_layers: int
+    n_expert: int
+    n_gqa: int
+    tied_embeddings: bool
+    n_attention_wv: int
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+
+
+def _apply(rule: Rule | None, what: str, index: int, count: int, state: _State) -> tuple[str, str]:
+    base = state.preset.base
+    if rule is None:
+        return base, f"{what}: base type"
+    if rule.where.picks(index, count, state.n_gqa):
+        return rule.type, f"{what} {rule.where.hit}"
+    return rule.otherwise or base, f"{what} {rule.where.miss}"
+
+
+def _preset_type(spec: TensorSpec, state: _State) -> tuple[str, str]:
+    """``llama_tensor_get_type_impl`` for one quantizable tensor; advances the counters."""
+    preset, base, category = state.preset, state.preset.base, _category(spec.name)
+    if category == "output" or (category == "token_embd" and state.tied_embeddings):
+        what = "output" if category == "output" else "token_embd (tied embeddings): as output"
+        if spec.shape[-1] % block_size(base):
+            return "Q8_0", f"{what}, row {spec.shape[-1]} not a multiple of {block_size(base)}"
+        return ("Q6_K" if base != "Q8_0" else base), what
+    if category in _ATTN_V_LIKE:
+        index = state.i_attention_wv
+        state.i_attention_wv += 1
+        if state.n_expert == 8:
+            return "Q8_0", f"{category} in an 8-expert model"
+        return _apply(preset.attn_v, category, index, state.n_attention_wv, state)
+    if category == "attn_k" and state.n_expert == 8:
+        return "Q8_0", "attn_k in an 8-expert model"
+    if category == "ffn_down":
+        i_layer = state.i_ffn_down
+        if state.n_expert > 1:  # layer_info: merged experts are placed by their block number
+            block = _block_of(spec.name)
+            if block is None or block >= state.n_layers:
+                raise QuantkitError(f"tensor {spec.name}: no block number in [0, {state.n_layers})")
+            i_layer = block
+        state.i_ffn_down += 1
+        return _apply(preset.ffn_down, "ffn_down", i_layer, state.n_layers, state)
+    if category == "attn_output":
+        if state.n_expert == 8:
+            if preset.attn_output_8_experts:
+                return preset.attn_output_8_experts, "attn_output in an 8-expert model"
+            return base, "attn_output in an 8-expert model: base type"
+        return _apply(preset.attn_output, "attn_output", 0, 0, state)
+    return base, "base type"
+
+
+def fallback_type(type_name: str, n_per_row: int, rule: str | None = None) -> Assignment | None:
+    """``tensor_type_fallback``: None if ``type_name``'s block divides the row, else the type to use instead.
+
+    The replacement is the type's fallback (F16 if its block does not divide the row either);
+    ``rule``, the reason ``type_name`` was chosen, is kept in the new rule.
+    """
+    block = block_size(type_name)
+    if n_per_row % block == 0:
+        return None
+    new = _FALLBACK.get(type_name, type_name)
+    if n_per_row % block_size(new):
+        new = "F16"
+    reason = f"fallback from {type_name}: row {n_per_row} not divisible by {block}"
+    return Assignment(new, f"{reason} ({rule})" if rule else reason, fallback_from=type_name)
+
+
+def assign_types(
+    preset: str,
+    tensors: Sequence[TensorSpec],
+    *,
+    n_layers: int,
+    n_experts: int,
+    n_head: int,
+    n_head_kv: int,
+    shared_experts_type: str | None = None,
+    dense_ffn_type: str | None = None,
+) -> dict[str, Assignment]:
+    """The type of every tensor under ``preset``, keyed by name in the order given.
+
+    ``n_layers`` is the block count (llama.cpp's ``n_layer_all``), ``n_experts`` the routed
+    experts per layer (0 or 1 for a dense model); ``n_head``/``n_head_kv`` give ``n_gqa``.
+    """
+    state = _State(
+        preset=PRESETS.get(preset),
+        n_layers=n_layers,
+        n_expert=max(1, n_experts),
+        n_gqa=n_head // n_head_kv if n_head_kv else 0,
+        tied_embeddings=all(t.name != "output.weight" for t in tensors),
+        n_attention_wv=sum(_category(t.name) in _ATTN_V_LIKE for t in tensors),
+    )
+    shared = _check_type(shared_experts_type, "shared_experts_type")
+    dense = _check_type(dense_ffn_type, "dense_ffn_type")
+    if n_layers < 1:
+        raise QuantkitError(f"n_layers must be at least 1, got {n_layers}")
+    if len({t.name for t in tensors}) != len(tensors):
+        raise QuantkitError("tensor names must be unique")
+
+    chosen: dict[str, Assignment] = {}
+    for spec in sorted(tensors, key=_file_order):
+        kept = _kept_reason(spec)
+        if kept is not None:
+            chosen[spec.name] = Assignment(KEEP, kept)
+            continue
+        type_name, rule = _preset_type(spec, state)
+        if shared and _SHARED_EXPERT.search(spec.name):
+            type_name, rule = shared, f"shared expert: shared_experts_type {shared}"
+        elif dense and _DENSE_FFN.search(spec.name):
+            type_name, rule = dense, f"dense FFN: dense_ffn_type {dense}"
+        chosen[spec.name] = fallback_type(type_name, spec.shape[-1], rule) or Assignment(type_name, rule)
+    return {t.name: chosen[t.name] for t in tensors}
+
+
+def mix_bits_per_weight(assignments: dict[str, Assignment], tensors: Sequence[TensorSpec]) -> float:
+    """Average storage bits per weight of ``tensors`` under ``assignments`` (kept tensors count as F32)."""
+    bits = sum(math.prod(spec.shape) * type_bits_per_weight(assignments[spec.name].type) for spec in tensors)
+    return bits / sum(math.prod(spec.shape) for spec in tensors)
+
+
+def preset_rules(preset: str) -> list[tuple[str, str]]:
+    """(tensor pattern, type rule) rows describing ``preset`` (first match wins), for ``quantkit presets``."""
+    p = PRESETS.get(preset)
+    base, block = p.base, block_size(p.base)
+    output = "Q8_0" if base == "Q8_0" else f"Q6_K; Q8_0 if its row is not a multiple of {block}"
+
+    def rule(r: Rule | None, with_8_experts: str) -> str:
+        text = r.describe(base) if r else base
+        return text if text == with_8_experts else f"{text}; {with_8_experts} with exactly 8 experts"
+
+    return [
+        ("norms, routers (ffn_gate_inp), biases, 1-D", f"{KEEP}: kept as they are"),
+        ("ffn_gate/up/down_shexp", "shared_experts_type when given"),
+        ("ffn_gate/up/down of dense blocks", "dense_ffn_type when given"),
+        ("output.weight", output),
+        ("token_embd.weight", f"{base}; as output.weight when embeddings are tied (no output.weight)"),
+        ("attn_v, attn_qkv, attn_kv_b", rule(p.attn_v, "Q8_0")),
+        ("attn_k", rule(None, "Q8_0")),
+        ("attn_output", rule(p.attn_output, p.attn_output_8_experts or base)),
+        ("ffn_down, ffn_down_exps, ffn_down_shexp", p.ffn_down.describe(base) if p.ffn_down else base),
+        ("other weights (2-D and 3-D)", base),
+        (
+            "then: rows not a multiple of the type's block",
+            "Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K/Q6_K -> Q8_0; F16 if not a multiple of 32",
+        ),
+    ]
+
+
+def llama3_8b_tensors() -> list[TensorSpec]:
+    """The tensor list of a Llama-3-8B GGUF: the shape llama-quantize's size notes refer to."""
+    hidden, kv, ffn, vocab = 4096, 1024, 14336, 128256
+    specs = [
+        TensorSpec("token_embd.weight", (vocab, hidden)),
+        TensorSpec("output.weight", (vocab, hidden)),
+        TensorSpec("output_norm.weight", (hidden,)),
+    ]
+    for i in range(32):
+        shapes = {
+            "attn_norm": (hidden,), "attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
+            "attn_output": (hidden, hidden), "ffn_norm": (hidden,), "ffn_gate": (ffn, hidden),
+            "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn),
+        }
+        specs += [TensorSpec(f"blk.{i}.{name}.weight", shape) for name, shape in shapes.items()]
+    return specs
+
+
+def presets_table() -> Table:
+    """Every preset with its base type, bits per weight and the rules that set it apart."""
+    table = Table(title="k-quant presets (llama.cpp llama_tensor_get_type)")
+    for column in ("preset", "base", "base bpw", "bpw @ Llama-3-8B", "llama.cpp note", "rules"):
+        table.add_column(column)
+    reference = llama3_8b_tensors()
+    for preset in PRESET_ORDER:
+        name = preset.name
+        placed = assign_types(name, reference, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)
+        rows = dict(preset_rules(name))
+        rules = "\n".join(
+            f"{pattern}: {rows[pattern]}"
+            for pattern in ("output.weight", "attn_v, attn_qkv, attn_kv_b", "attn_output",
+                            "ffn_down, ffn_down_exps, ffn_down_shexp")
+        )
+        table.add_row(
+            name,
+            preset.base,
+            f"{type_bits_per_weight(preset.base):.4g}",
+            f"{mix_bits_per_weight(placed, reference):.2f}",
+            preset.note,
+            rules,
+        )
+    return table

@@ -1,0 +1,58 @@
+"""Q5_0: 32 weights as 5-bit codes with one fp16 scale (5.5 bits per weight).
+
+Byte table (22 bytes per block)::
+
+    offset  size  field
+    0       2     d    fp16 scale; weight j = d * (q[j] - 16)
+    2       4     qh   uint32 (little-endian): bit j = q[j] >> 4, j = 0..31
+    6       16    qs   qs[j] = (q[j] & 15) | (q[j + 16] & 15) << 4, j = 0..15
+
+    +------+-------+----------------------------------------+
+    | d:2  | qh:4  | qs: 16 x (low nibble q[j], high q[j+16]) |
+    +------+-------+----------------------------------------+
+
+Encoders: without importance ggml's reference ``d = max / -16``, ``q = MIN(31, (int8_t)(x/d + 16.5))``;
+with importance ``make_qx_quants(32, 16)`` weighted by ``qw * sqrt(sigma2 + x*x)``, ``sigma2`` the row's
+mean square.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from quantkit.kquants.base import BLOCK_FORMATS, BlockFormat
+from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
+from quantkit.kquants.search_qx import reference_codes, weighted_codes
+
+_BIT = np.uint32(1) << np.arange(32, dtype=np.uint32)
+
+
+class Q5_0(BlockFormat):
+    name = "Q5_0"
+    ggml_type = gguf.GGMLQuantizationType.Q5_0
+    block_size = 32
+    type_size = 22
+
+    def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        if importance is None:
+            d, codes = reference_codes(self.blocks_of(rows), 16)
+        else:
+            d, codes = weighted_codes(rows, importance, 16)
+        out = np.empty((codes.shape[0], self.type_size), dtype=np.uint8)
+        out[:, :2] = to_fp16(d)[:, None].view(np.uint8)
+        high = ((codes >> 4) & 1).astype(np.uint32) * _BIT
+        out[:, 2:6] = np.bitwise_or.reduce(high, axis=1).astype("<u4")[:, None].view(np.uint8)
+        out[:, 6:] = (codes[:, :16] & 15) | ((codes[:, 16:] & 15) << 4)
+        return out.reshape(rows.shape[0], -1)
+
+    def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        d = from_fp16(blocks[:, :2])
+        qh = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        qs = blocks[:, 6:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
+        q = ((qs & 15).reshape(-1, 32) | (high << 4)).astype(np.int8) - np.int8(16)
+        return d[:, None] * q.astype(F32)
+
+
+BLOCK_FORMATS.add("Q5_0", Q5_0())

@@ -1,0 +1,153 @@
+"""``quantize --method kquant``: block types from presets, importance from calibration, ggml safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from quantkit.calib.artifact import load_calibration
+from quantkit.calib.run import CalibrationSettings, calibrate
+from quantkit.cli import app
+from quantkit.formats.load import load_quantized
+from quantkit.kquants import encode
+from quantkit.model.archs import get_arch
+from quantkit.model.checkpoint import Checkpoint
+from tests.conftest import copy_tokenizer, save_model
+
+runner = CliRunner()
+WIDE = dict(  # rows of 256 so k-quants apply; kv_lora_rank 16 is not a multiple of 32 (F16 fallback)
+    hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+    topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+)
+STARVED_EXPERT = 3  # layer 1's router never picks it
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DeepSeek-V3 with 256-wide rows, a tokenizer, and one expert its router never picks."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(5)
+    config = transformers.AutoConfig.for_model("deepseek_v3", **WIDE)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.05)
+        model.model.layers[1].mlp.gate.e_score_correction_bias[STARVED_EXPERT] = -1e4
+    return copy_tokenizer(tiny_lm, save_model(model, tmp_path_factory.mktemp("wide") / "deepseek_v3"))
+
+
+@pytest.fixture(scope="module")
+def wide_calibration(wide_model: Path, test_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wide_calib") / "calib"
+    settings = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, batch_size=4)
+    calibrate(wide_model, out, settings, show_progress=False)
+    return out
+
+
+def stored(out: Path) -> tuple[dict[str, Any], Checkpoint]:
+    checkpoint = Checkpoint.open(out)
+    return checkpoint.config["quantization_config"], checkpoint
+
+
+def test_type_q4_k_blocks_equal_the_encoder_and_load(wide_model: Path, tmp_path: Path) -> None:
+    code, _, err = run("quantize", wide_model, "--method", "kquant", "--type", "Q4_K", "--out", tmp_path / "q")
+    assert code == 0, err
+    config, out = stored(tmp_path / "q")
+    source = Checkpoint.open(wide_model)
+    assert config["quant_method"] == "quantkit-ggml"
+    weights = config["weights"]
+    gate = "model.layers.1.mlp.experts.2.gate_proj"
+    assert weights[gate] == {"type": "Q4_K", "ggml_type_id": 12, "shape": [256, 256]}
+    expected = encode("Q4_K", source.get(f"{gate}.weight").numpy())
+    assert torch.equal(out.get(f"{gate}.weight_blocks"), torch.from_numpy(expected))
+    # kv_b_proj's rows hold kv_lora_rank = 16 weights: neither 256 nor 32 divides them, so it stays F16
+    report = json.loads((tmp_path / "q" / "quantkit_report.json").read_text())
+    records = {t["name"]: t for t in report["tensors"]}
+    kv_b = records["model.layers.0.self_attn.kv_b_proj.weight"]
+    assert kv_b["scheme"] == "fp16" and kv_b["type_rule"].startswith("fallback from Q4_K: row 16")
+    assert records["model.layers.1.mlp.gate.weight"]["scheme"] == "float"  # routers are never quantized
+    assert records["model.embed_tokens.weight"]["scheme"] == "float"  # --type alone leaves embeddings
+    model = load_quantized(tmp_path / "q")
+    dequantized = model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"][2, :256]
+    original = source.get(f"{gate}.weight")
+    assert 0 < float((dequantized - original).norm() / original.norm()) < 0.1
+
+
+def test_preset_assigns_llama_cpp_types_per_gguf_tensor(wide_model: Path, tmp_path: Path) -> None:
+    code, _, err = run("quantize", wide_model, "--preset", "Q4_K_M", "--shared-experts-type", "Q8_0",
+                       "--out", tmp_path / "q")
+    assert code == 0, err
+    types = {m: w["type"] for m, w in stored(tmp_path / "q")[0]["weights"].items()}
+    assert types["lm_head"] == "Q6_K" and types["model.embed_tokens"] == "Q4_K"  # untied: output gets Q6_K
+    # use_more_bits(i, 2 layers) holds for layer 1 only (i >= 7n/8): ffn_down Q6_K there, the base type on layer 0
+    assert {types[f"model.layers.1.mlp.experts.{e}.down_proj"] for e in range(4)} == {"Q6_K"}
+    assert types["model.layers.0.mlp.down_proj"] == "Q4_K"
+    assert types["model.layers.1.mlp.shared_experts.up_proj"] == "Q8_0"
+    assert types["model.layers.1.self_attn.q_proj"] == "Q4_K"
+    assert "model.layers.1.mlp.gate" not in types
+
+
+def test_importance_comes_from_calibration_per_expert(wide_model: Path, wide_calibration: Path,
+                                                      tmp_path: Path) -> None:
+    code, _, err = run("quantize", wide_model, "--method", "kquant", "--type", "Q3_K", "--calibration",
+                       wide_calibration, "--out", tmp_path / "q")
+    assert code == 0, err
+    _, out = stored(tmp_path / "q")
+    source, calib = Checkpoint.open(wide_model), load_calibration(wide_calibration)
+    arch = get_arch("deepseek_v3")
+    report = json.loads((tmp_path / "q" / "quantkit_report.json").read_text())
+    records = {t["name"]: t for t in report["tensors"]}
+    for expert in (0, STARVED_EXPERT):
+        name = f"model.layers.1.mlp.experts.{expert}.up_proj.weight"
+        importance, tokens = calib.importance(arch, name)
+        assert (tokens == 0) == (expert == STARVED_EXPERT)
+        if tokens == 0:
+            assert torch.equal(importance, torch.ones(256))  # uniform, as llama.cpp does
+        weighted = encode("Q3_K", source.get(name).numpy(), importance.numpy())
+        assert torch.equal(out.get(name.replace(".weight", ".weight_blocks")), torch.from_numpy(weighted))
+        assert not np.array_equal(weighted, encode("Q3_K", source.get(name).numpy()))
+        assert records[name]["importance_tokens"] == tokens
+    assert any("uniform importance" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize(("extra", "fragments"), [
+    (["--method", "kquant"], ["kquant needs a block type"]),
+    (["--method", "kquant", "--type", "Q7_K"], ["unknown ggml block type 'Q7_K'"]),
+    (["--preset", "Q4_K_X"], ["unknown preset 'Q4_K_X'", "Q4_K_M"]),
+    (["--preset", "Q4_K_M", "--format", "compressed-tensors"], ["--format ggml or gguf"]),
+    (["--method", "kquant", "--type", "Q4_K", "--shared-experts-type", "Q8_0"], ["add --preset"]),
+    (["--preset", "Q4_K_M", "--shared-experts-type", "Q9_K"], ["Q9_K"]),
+    (["--method", "absmax", "--format", "gguf"], ["use --method kquant"]),
+])
+def test_kquant_errors_are_one_line(wide_model: Path, tmp_path: Path, extra: list[str],
+                                    fragments: list[str]) -> None:
+    code, _, err = run("quantize", wide_model, *extra, "--out", tmp_path / "q")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not (tmp_path / "q").exists()
+
+
+def test_presets_command_shows_rules() -> None:
+    code, out, err = run("presets", "Q4_K_M", "--json")
+    assert code == 0, err
+    rules = json.loads(out)
+    assert any("Q6_K" in row["type"] for row in rules)
+    code, out, _ = run("presets")
+    assert code == 0 and "Q4_K_M" in out and "Q2_K" in out
