@@ -151,3 +151,33 @@ def test_presets_command_shows_rules() -> None:
     assert any("Q6_K" in row["type"] for row in rules)
     code, out, _ = run("presets")
     assert code == 0 and "Q4_K_M" in out and "Q2_K" in out
+
+
+def test_gguf_holds_the_same_blocks_as_the_safetensors_output(wide_model: Path, wide_calibration: Path,
+                                                              tmp_path: Path) -> None:
+    import gguf
+
+    common = ["--preset", "Q3_K_M", "--calibration", wide_calibration]
+    code, _, err = run("quantize", wide_model, *common, "--out", tmp_path / "st")
+    assert code == 0, err
+    code, _, err = run("quantize", wide_model, *common, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert code == 0, err
+    assert (tmp_path / "m.quantkit_report.json").is_file()
+    config, out = stored(tmp_path / "st")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    checked = 0
+    for gguf_name, hf_modules in (
+        ("blk.1.ffn_up_exps.weight", [f"model.layers.1.mlp.experts.{e}.up_proj" for e in range(4)]),
+        ("blk.1.ffn_down_shexp.weight", ["model.layers.1.mlp.shared_experts.down_proj"]),
+        ("blk.0.attn_q.weight", ["model.layers.0.self_attn.q_proj"]),
+        ("output.weight", ["lm_head"]),
+    ):
+        tensor = tensors[gguf_name]
+        assert tensor.tensor_type.name == config["weights"][hf_modules[0]]["type"]
+        blocks = np.stack([out.get(f"{m}.weight_blocks").numpy() for m in hf_modules])
+        np.testing.assert_array_equal(np.asarray(tensor.data).reshape(-1), blocks.reshape(-1))
+        checked += 1
+    assert checked == 4
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    code, _, err = run("quantize", wide_model, *common, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert code == 2 and "exists" in err

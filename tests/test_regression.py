@@ -3,8 +3,8 @@
 Each configuration quantizes the demo model and evaluates the first windows of WikiText-2 test
 (gptq protocol, seq-len 512) against the float model: perplexity, KL and top-1 agreement must stay
 within tolerance of the committed numbers in tests/baselines/demo_model.json. Configurations that
-need calibration (static W8A8) use one calibration of the demo model on WikiText-2 *valid*. Later
-methods (GPTQ, k-quants) add themselves to CONFIGS.
+need calibration (static W8A8, GPTQ, k-quant importance weights) use one calibration of the demo
+model on WikiText-2 *valid*. k-quant presets run without and with that calibration's importance.
 
 Regenerate the baselines deliberately, after a change meant to move them:
     QUANTKIT_UPDATE_BASELINES=1 pytest tests/test_regression.py
@@ -43,6 +43,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gptq-w4-g128": {"method": "gptq", "bits": 4, "group_size": 128},  # on the calibration's windows
     "gptq-w3-g128-act": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True},
 }
+# k-quant presets (llama.cpp's rules), without and with importance weights from the calibration
+KQUANT_CONFIGS: dict[str, tuple[str, bool]] = {
+    f"kquant-{preset}{'-imatrix' if weighted else ''}": (preset, weighted)
+    for preset in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K") for weighted in (False, True)
+}
 CALIBRATION = CalibrationSettings(dataset=str(WIKI_VALID), num_samples=32, seq_len=512)
 PPL_TOLERANCE = 0.01  # relative, either direction: a drop this large means the evaluation changed
 KL_TOLERANCE = 0.10  # relative, plus 1e-4 absolute
@@ -62,6 +67,10 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, fl
         out = tmp_path_factory.mktemp(name) / "out"
         quantize(None, get_preset("int8").with_default(**config), out, calibration=calibration, show_progress=False)
         results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
+    for name, (preset, weighted) in KQUANT_CONFIGS.items():
+        out = tmp_path_factory.mktemp(name) / "out"
+        quantize(None, get_preset(preset), out, calibration=calibration if weighted else None, show_progress=False)
+        results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
     if os.environ.get("QUANTKIT_UPDATE_BASELINES") == "1":
         BASELINES.write_text(json.dumps({"settings": {"protocol": "gptq", "seq_len": 512, "max_windows": 24,
                                                       "dataset": "wiki.test.raw"}, "results": results},
@@ -80,7 +89,7 @@ def baseline() -> dict[str, dict[str, float]]:
     return json.loads(BASELINES.read_text())["results"]
 
 
-@pytest.mark.parametrize("name", ["float", *CONFIGS])
+@pytest.mark.parametrize("name", ["float", *CONFIGS, *KQUANT_CONFIGS])
 def test_quality_matches_the_committed_baseline(name: str, measured: dict[str, dict[str, float]]) -> None:
     now, then = measured[name], baseline()[name]
     assert now["tokens_scored"] == then["tokens_scored"]
@@ -110,3 +119,11 @@ def test_calibrated_choices_help(measured: dict[str, dict[str, float]]) -> None:
     assert measured["zeropoint-w4-g128-mse"]["kl"] < measured["zeropoint-w4-g128"]["kl"]
     for name in ("absmax-w8a8-dynamic", "absmax-w8a8-static-minmax", "absmax-w8a8-static-kl"):
         assert measured[name]["kl"] > measured["absmax-w8a16"]["kl"]
+
+
+def test_kquant_presets_order_and_importance_helps(measured: dict[str, dict[str, float]]) -> None:
+    """More bits, less KL; importance weights from calibration never make a preset worse (KL)."""
+    kls = [measured[f"kquant-{p}"]["kl"] for p in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K")]
+    assert kls == sorted(kls, reverse=True)
+    for preset in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K"):
+        assert measured[f"kquant-{preset}-imatrix"]["kl"] <= measured[f"kquant-{preset}"]["kl"]

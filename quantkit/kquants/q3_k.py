@@ -32,11 +32,13 @@ import gguf
 import numpy as np
 
 from quantkit.kquants.base import BLOCK_FORMATS, QK_K, BlockFormat
-from quantkit.kquants.ggml_math import F32, from_fp16, nearest_int, to_fp16
+from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
 from quantkit.kquants.search_qx import (
+    I32,
     element_major,
     make_q3_quants,
     make_qx_quants,
+    nearest_clamped,
     requantize,
     seq_sum,
     signed_abs_max,
@@ -58,10 +60,10 @@ class Q3_K(BlockFormat):
             scale_codes, d = _round_scales(scales.reshape(n_blocks, 16))
         else:
             qw = element_major(np.broadcast_to(importance, rows.shape), 16)
-            scales, codes, scale_codes, d = _weighted_search(blocks, x, qw)
-        codes = np.ascontiguousarray(codes.T).reshape(n_blocks, QK_K)
+            codes, scale_codes, d = _weighted_search(blocks, x, qw)
         sub_d = from_fp16(d)[:, None] * (scale_codes.astype(F32) - F32(32))
-        requantize(blocks.reshape(-1, 16), sub_d.reshape(-1), codes.reshape(-1, 16), 4)
+        requantize(x, sub_d.reshape(-1), codes, 4)
+        codes = np.ascontiguousarray(codes.T).reshape(n_blocks, QK_K)
 
         out = np.empty((n_blocks, self.type_size), dtype=np.uint8)
         high = (codes.reshape(n_blocks, 8, 32) >> 2).astype(np.uint8)
@@ -93,16 +95,15 @@ def _round_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     live = max_scale != 0
     max_scale[~live] = 1
     iscale = F32(-32) / max_scale
-    codes = (nearest_int(iscale[:, None] * scales).clip(-32, 31) + 32).astype(np.uint8)
+    codes = (nearest_clamped(iscale[:, None] * scales, -32, 31) + I32(32)).astype(np.uint8)
     codes[~live] = 0
-    d = to_fp16(np.where(live, F32(1) / iscale, F32(0)))
+    d = to_fp16(F32(1) / iscale)
+    d[~live] = 0
     return codes, d
 
 
-def _weighted_search(
-    blocks: np.ndarray, x: np.ndarray, qw: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``quantize_row_q3_K_impl``'s searches: sub-block scales and codes, 6-bit scale codes, fp16 ``d``.
+def _weighted_search(blocks: np.ndarray, x: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q3_K_impl``'s searches: sub-block codes, 6-bit scale codes, fp16 ``d``.
 
     ``x`` and ``qw`` (the importance) are element-major sub-blocks of ``blocks``.
     """
@@ -111,10 +112,8 @@ def _weighted_search(
     weight = qw * np.sqrt(sigma2 + x * x)
     scales, codes = make_qx_quants(x, 4, weight)
     sub_weight = seq_sum(weight)
-    d_block, scale_codes = make_qx_quants(
-        element_major(scales, 16), 32, element_major(sub_weight, 16)
-    )
-    return scales, codes, np.ascontiguousarray(scale_codes.T), to_fp16(d_block)
+    d_block, scale_codes = make_qx_quants(element_major(scales, 16), 32, element_major(sub_weight, 16))
+    return codes, np.ascontiguousarray(scale_codes.T), to_fp16(d_block)
 
 
 def _pack_scales(codes: np.ndarray) -> np.ndarray:

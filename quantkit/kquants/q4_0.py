@@ -22,7 +22,7 @@ import numpy as np
 
 from quantkit.kquants.base import BLOCK_FORMATS, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
-from quantkit.kquants.search_qx import reference_codes, weighted_codes
+from quantkit.kquants.search_qx import pack_nibbles, symmetric_32_tiles
 
 
 class Q4_0(BlockFormat):
@@ -32,13 +32,10 @@ class Q4_0(BlockFormat):
     type_size = 18
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        if importance is None:
-            d, codes = reference_codes(self.blocks_of(rows), 8)
-        else:
-            d, codes = weighted_codes(rows, importance, 8)
-        out = np.empty((codes.shape[0], self.type_size), dtype=np.uint8)
-        out[:, :2] = to_fp16(d)[:, None].view(np.uint8)
-        out[:, 2:] = codes[:, :16] | (codes[:, 16:] << 4)
+        out = np.empty((rows.size // 32, self.type_size), dtype=np.uint8)
+        for blocks, d, codes in symmetric_32_tiles(rows, importance, 8):
+            out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
+            out[blocks, 2:] = pack_nibbles(codes)
         return out.reshape(rows.shape[0], -1)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:

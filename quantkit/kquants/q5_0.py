@@ -23,9 +23,10 @@ import numpy as np
 
 from quantkit.kquants.base import BLOCK_FORMATS, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
-from quantkit.kquants.search_qx import reference_codes, weighted_codes
+from quantkit.kquants.search_qx import pack_nibbles, symmetric_32_tiles
 
-_BIT = np.uint32(1) << np.arange(32, dtype=np.uint32)
+# Multiplying a word of eight 0/1 bytes by this gathers byte e's bit into bit 56 + e (no carries).
+_GATHER_BITS = np.uint64(0x0102040810204080)
 
 
 class Q5_0(BlockFormat):
@@ -35,15 +36,12 @@ class Q5_0(BlockFormat):
     type_size = 22
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        if importance is None:
-            d, codes = reference_codes(self.blocks_of(rows), 16)
-        else:
-            d, codes = weighted_codes(rows, importance, 16)
-        out = np.empty((codes.shape[0], self.type_size), dtype=np.uint8)
-        out[:, :2] = to_fp16(d)[:, None].view(np.uint8)
-        high = ((codes >> 4) & 1).astype(np.uint32) * _BIT
-        out[:, 2:6] = np.bitwise_or.reduce(high, axis=1).astype("<u4")[:, None].view(np.uint8)
-        out[:, 6:] = (codes[:, :16] & 15) | ((codes[:, 16:] & 15) << 4)
+        out = np.empty((rows.size // 32, self.type_size), dtype=np.uint8)
+        for blocks, d, codes in symmetric_32_tiles(rows, importance, 16):
+            out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
+            high = (codes.view(np.uint64) >> np.uint64(4)) & np.uint64(0x0101010101010101)  # 0/1 per byte
+            out[blocks, 2:6] = ((high * _GATHER_BITS) >> np.uint64(56)).astype(np.uint8)
+            out[blocks, 6:] = pack_nibbles(codes)
         return out.reshape(rows.shape[0], -1)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:

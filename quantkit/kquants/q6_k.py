@@ -29,8 +29,15 @@ import gguf
 import numpy as np
 
 from quantkit.kquants.base import BLOCK_FORMATS, QK_K, BlockFormat
-from quantkit.kquants.ggml_math import F32, from_fp16, nearest_int, to_fp16
-from quantkit.kquants.search_qx import GROUP_MAX_EPS, element_major, make_qx_quants, requantize, signed_abs_max
+from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
+from quantkit.kquants.search_qx import (
+    GROUP_MAX_EPS,
+    element_major,
+    make_qx_quants,
+    nearest_clamped,
+    requantize,
+    signed_abs_max,
+)
 
 
 class Q6_K(BlockFormat):
@@ -45,18 +52,18 @@ class Q6_K(BlockFormat):
         x = element_major(blocks, 16)
         weights = x * x if importance is None else element_major(np.broadcast_to(importance, rows.shape), 16)
         scales, codes = make_qx_quants(x, 32, weights)
-        codes = np.ascontiguousarray(codes.T).reshape(n_blocks, QK_K)
 
-        max_abs, max_scale = signed_abs_max(np.ascontiguousarray(scales.reshape(n_blocks, 16).T))
+        max_abs, max_scale = signed_abs_max(element_major(scales, 16))
         live = max_abs >= GROUP_MAX_EPS
         max_scale[~live] = 1
         iscale = F32(-128) / max_scale
         d = to_fp16(F32(1) / iscale)
-        sub_scales = np.minimum(nearest_int(iscale[:, None] * scales.reshape(n_blocks, 16)), 127).astype(np.int8)
+        # MIN(127, nearest_int(iscale * scale)); |iscale * scale| <= 128, so -128 bounds nothing
+        sub_scales = nearest_clamped(iscale[:, None] * scales.reshape(n_blocks, 16), -128, 127).astype(np.int8)
         sub_d = from_fp16(d)[:, None] * sub_scales.astype(F32)
-        requantize(blocks.reshape(-1, 16), sub_d.reshape(-1), codes.reshape(-1, 16), 32)
+        requantize(x, sub_d.reshape(-1), codes, 32)
 
-        q = codes.reshape(n_blocks, 2, 4, 32)
+        q = np.ascontiguousarray(codes.T).reshape(n_blocks, 2, 4, 32)
         high = q >> 4
         out = np.empty((n_blocks, self.type_size), dtype=np.uint8)
         out[:, :128] = ((q[:, :, :2] & 15) | ((q[:, :, 2:] & 15) << 4)).reshape(n_blocks, 128)

@@ -13,7 +13,7 @@ so per-group updates go through :func:`select`; scalars are typed (a Python ``in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -25,7 +25,8 @@ _MAGIC = F32(12582912.0)  # nearest_int's 1.5 * 2**23
 _MANTISSA = I32(0x007FFFFF)
 _HALF = I32(0x00400000)
 TILE_WEIGHTS = 1 << 17  # weights per make_qx_quants / Q4_0 / Q5_0 tile
-Q3_TILE_GROUPS = 1 << 14  # groups per make_q3_quants tile (its steps work on one element of each group)
+Q3_TILE_GROUPS = 1 << 14  # groups per make_q3_quants tile: its [16, groups] arrays stay in L2
+_RUN = np.dtype("V16")  # four float32 moved as one unit
 
 
 def element_major(blocks: np.ndarray, n: int) -> np.ndarray:
@@ -66,12 +67,22 @@ def signed_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     ``max`` is ``+0.0`` where every element is zero, C's initial value.
     """
-    top, bottom = x.max(axis=0), x.min(axis=0)
+    return _signed_extreme(x.max(axis=0), x.min(axis=0), lambda groups: x[:, groups])
+
+
+def _signed_extreme(
+    top: np.ndarray, bottom: np.ndarray, tied_groups: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`signed_abs_max` from each group's largest and smallest element.
+
+    Where both ``+amax`` and ``-amax`` occur, ``tied_groups(indices)`` gives those groups element-major
+    (``[n, k]``) to find which comes first.
+    """
     amax = np.maximum(top, -bottom)
     signed = select(top >= -bottom, top, bottom)
     ties = np.flatnonzero((top == -bottom) & (top > 0))
-    if ties.size:  # both +amax and -amax occur: the first one wins
-        tied = x[:, ties]
+    if ties.size:
+        tied = tied_groups(ties)
         first = (np.abs(tied) == amax[ties]).argmax(axis=0)
         signed[ties] = tied[first, np.arange(ties.size)]
     signed[amax == 0] = 0
@@ -153,41 +164,26 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make_q3_quants_tile(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
     amax, vmax = signed_abs_max(x)
     live = amax >= GROUP_MAX_EPS
     vmax[~live] = 1
     levels = nearest_clamped(x * (F32(-nmax) / vmax), -nmax, nmax - 1).astype(F32)
     w = x * x
     wx = w * x
-    sumlx = seq_sum(wx * levels)
-    suml2 = seq_sum(w * levels * levels)
+    sums = np.stack([seq_sum(wx * levels), seq_sum(w * levels * levels)])  # sumlx, suml2
     # Refinement sweeps (at most 5), each on the groups whose previous sweep changed a code: C breaks
-    # out of a group's loop after a sweep without changes. Sweeps run on compacted copies.
-    active = np.flatnonzero(live)
+    # out of a group's loop after a sweep without changes. The first sweep runs on every group (dead
+    # ones are overwritten below), later ones on compacted copies.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for _ in range(5):
+        active = np.flatnonzero(_q3_sweep(levels, x, w, wx, sums, nmax) & live)
+        for _ in range(4):
             if active.size == 0:
                 break
-            lv, xs, ws, wxs = (np.take(a, active, axis=1) for a in (levels, x, w, wx))
-            slx_all, sl2_all = sumlx[active], suml2[active]
-            changed = np.zeros(active.size, dtype=bool)
-            for i in range(n):
-                li, wi, wxi = lv[i], ws[i], wxs[i]
-                slx = slx_all - wxi * li
-                sl2 = sl2_all - wi * li * li
-                new_l = nearest_clamped(xs[i] * sl2 / slx, -nmax, nmax - 1).astype(F32)
-                take = (slx > 0) & (new_l != li)
-                slx += wxi * new_l
-                sl2 += wi * new_l * new_l
-                take &= sl2 > 0
-                take &= slx * slx * sl2_all > slx_all * slx_all * sl2
-                lv[i] = select(take, new_l, li)
-                slx_all = select(take, slx, slx_all)
-                sl2_all = select(take, sl2, sl2_all)
-                changed |= take
-            levels[:, active], sumlx[active], suml2[active] = lv, slx_all, sl2_all
+            lv, xs, ws, wxs, state = (np.take(a, active, axis=1) for a in (levels, x, w, wx, sums))
+            changed = _q3_sweep(lv, xs, ws, wxs, state, nmax)
+            levels[:, active], sums[:, active] = lv, state
             active = active[changed]
+        sumlx, suml2 = sums
         scale = select(suml2 > 0, sumlx / suml2, np.zeros_like(sumlx))
     codes = (levels + F32(nmax)).astype(np.uint8)
     codes[:, ~live] = 0
@@ -195,16 +191,52 @@ def _make_q3_quants_tile(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     return scale, codes
 
 
+def _q3_sweep(
+    levels: np.ndarray, x: np.ndarray, w: np.ndarray, wx: np.ndarray, state: np.ndarray, nmax: int
+) -> np.ndarray:
+    """One ``itry`` pass of make_q3_quants over the elements, updating ``levels`` and ``state`` in place.
+
+    ``state`` is ``[sumlx, suml2]`` per group; returns which groups changed a code.
+    """
+    sumlx, suml2 = state
+    trial = np.empty_like(state)  # [slx, sl2] with element i's code swapped
+    slx, sl2 = trial
+    changed = np.zeros(state.shape[1], dtype=bool)
+    for i in range(x.shape[0]):
+        li, wi, wxi = levels[i], w[i], wx[i]
+        np.subtract(sumlx, wxi * li, out=slx)
+        np.subtract(suml2, wi * li * li, out=sl2)
+        new_l = nearest_clamped(x[i] * sl2 / slx, -nmax, nmax - 1).astype(F32)
+        take = slx > 0
+        take &= new_l != li
+        slx += wxi * new_l
+        sl2 += wi * new_l * new_l
+        take &= sl2 > 0
+        take &= slx * slx * suml2 > sumlx * sumlx * sl2
+        mask = -take.view(np.int8).astype(I32)
+        _blend(state, trial, mask)
+        _blend(li, new_l, mask)
+        changed |= take
+    return changed
+
+
+def _blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> None:
+    """``target = source`` where ``mask`` (int32 0 / -1, broadcast on the last axis), bit for bit, in place."""
+    bits = source.view(I32) ^ target.view(I32)
+    bits &= mask
+    target.view(I32)[...] ^= bits
+
+
 def requantize(x: np.ndarray, d: np.ndarray, codes: np.ndarray, nmax: int) -> None:
     """The k-quants' final pass: ``L = nmax + clamp(nearest_int(x/d))`` where ``d != 0``, else keep ``L``.
 
-    ``x`` and ``codes`` are ``[groups, n]``; ``d`` is the dequantized sub-block scale ``[groups]``.
+    ``x`` and ``codes`` are element-major ``[n, groups]``; ``d`` is each sub-block's dequantized scale.
     """
-    keep = d == 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        fresh = (nearest_clamped(x / d[:, None], -nmax, nmax - 1) + I32(nmax)).astype(np.uint8)
-    fresh[keep] = codes[keep]
-    codes[:] = fresh
+        fresh = (nearest_clamped(x / d, -nmax, nmax - 1) + I32(nmax)).astype(np.uint8)
+    keep = d == 0
+    fresh[:, keep] = codes[:, keep]
+    codes[...] = fresh
 
 
 def row_sigma2(rows: np.ndarray) -> np.ndarray:
@@ -219,8 +251,8 @@ def symmetric_32_tiles(
     """Q4_0/Q5_0's encoders (``nmax`` 8/16), tile by tile: ``(blocks, d, codes)``.
 
     ``blocks`` is the tile's slice of the row-major 32-blocks of ``rows``, ``d`` their float32 scales and
-    ``codes`` uint8 ``[32, tile]`` (element-major). Without importance, ``quantize_row_q{4,5}_0_ref``;
-    with it, ``quantize_row_q{4,5}_0_impl``: ``make_qx_quants(32, nmax)`` weighted by
+    ``codes`` uint8 ``[tile, 32]``. Without importance, ``quantize_row_q{4,5}_0_ref``; with it,
+    ``quantize_row_q{4,5}_0_impl``: ``make_qx_quants(32, nmax)`` weighted by
     ``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, ``sigma2`` the row's mean square.
     """
     blocks = rows.reshape(-1, 32)
@@ -230,27 +262,45 @@ def symmetric_32_tiles(
     tile = TILE_WEIGHTS // 32
     for start in range(0, blocks.shape[0], tile):
         part = slice(start, start + tile)
-        x = element_major(blocks[part], 32)
         if importance is None:
-            yield (part, *_reference_codes(x, nmax))
+            yield (part, *_reference_codes(blocks[part], nmax))
         else:
-            yield (part, *make_qx_quants(x, nmax, qw[:, part] * np.sqrt(sigma2[part] + x * x)))
+            x = element_major(blocks[part], 32)
+            d, codes = make_qx_quants(x, nmax, qw[:, part] * np.sqrt(sigma2[part] + x * x))
+            yield part, d, np.ascontiguousarray(codes.T)
 
 
-def _reference_codes(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """``d = max / -nmax``, ``codes = MIN(2nmax-1, (int8_t)(x/d + nmax+.5))`` for element-major ``x [32, G]``.
+def _reference_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``d = max / -nmax``, ``codes = MIN(2nmax-1, (int8_t)(x/d + nmax+.5))`` for ``blocks [G, 32]``.
 
     For finite ``x/d`` (|x/d| <= nmax) the truncation is that of the clamped float; where ``1/d``
     overflows (``d`` denormal) every ``x/d + nmax+.5`` is infinite or NaN, which x86's conversion turns
     into ``INT_MIN``, whose low byte is 0.
     """
-    _, vmax = signed_abs_max(x)
+    # Block extremes from the blocks' 16-byte runs (4 weights) transposed: [8, 4G], cheap to move.
+    runs = np.ascontiguousarray(blocks.view(_RUN).T).view(F32)
+    top = runs.max(axis=0).reshape(-1, 4)
+    bottom = runs.min(axis=0).reshape(-1, 4)
+    _, vmax = _signed_extreme(
+        np.maximum(np.maximum(top[:, 0], top[:, 1]), np.maximum(top[:, 2], top[:, 3])),
+        np.minimum(np.minimum(bottom[:, 0], bottom[:, 1]), np.minimum(bottom[:, 2], bottom[:, 3])),
+        lambda groups: blocks[groups].T,
+    )
     d = vmax / F32(-nmax)
     with np.errstate(divide="ignore", over="ignore"):
         inverse = select(d != 0, F32(1) / d, np.zeros_like(d))
-    shifted = x * inverse
+    shifted = blocks * np.repeat(inverse, 32).reshape(-1, 32)
     shifted += F32(nmax + 0.5)
-    np.minimum(shifted, F32(2 * nmax - 1), out=shifted)
+    np.clip(shifted, F32(0), F32(2 * nmax - 1), out=shifted)  # finite values are > -1: truncate to >= 0
     codes = shifted.astype(np.uint8)
-    codes[:, np.isinf(inverse)] = 0
+    codes[np.isinf(inverse)] = 0
     return d, codes
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Q4_0/Q5_0's ``qs``: ``(q[j] & 15) | (q[j+16] & 15) << 4`` for codes uint8 ``[G, 32]`` -> ``[G, 16]``."""
+    low = codes.view(np.uint64) & np.uint64(0x0F0F0F0F0F0F0F0F)  # [G, 4]: eight codes per word
+    packed = np.empty((codes.shape[0], 2), dtype=np.uint64)
+    packed[:, 0] = low[:, 0] | (low[:, 2] << np.uint64(4))
+    packed[:, 1] = low[:, 1] | (low[:, 3] << np.uint64(4))
+    return packed.view(np.uint8)
