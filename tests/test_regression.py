@@ -121,9 +121,12 @@ def test_calibrated_choices_help(measured: dict[str, dict[str, float]]) -> None:
         assert measured[name]["kl"] > measured["absmax-w8a16"]["kl"]
 
 
-def test_kquant_presets_order_and_importance_helps(measured: dict[str, dict[str, float]]) -> None:
-    """More bits, less KL; importance weights from calibration never make a preset worse (KL)."""
+def test_kquant_presets_order_and_importance(measured: dict[str, dict[str, float]]) -> None:
+    """More bits, less KL. Importance weights lower KL at Q3_K_M and Q4_K_M and raise top-1 agreement
+    at Q2_K; they do not lower KL at Q2_K (+5%) or Q6_K (+3%) on this model, although they lower the
+    importance-weighted error of every tensor (docs/kquants.md, tests/test_kquant_quantize.py)."""
     kls = [measured[f"kquant-{p}"]["kl"] for p in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K")]
     assert kls == sorted(kls, reverse=True)
-    for preset in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K"):
+    for preset in ("Q3_K_M", "Q4_K_M"):
         assert measured[f"kquant-{preset}-imatrix"]["kl"] <= measured[f"kquant-{preset}"]["kl"]
+    assert measured["kquant-Q2_K-imatrix"]["top1_agreement"] >= measured["kquant-Q2_K"]["top1_agreement"]

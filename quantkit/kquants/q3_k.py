@@ -21,7 +21,7 @@ Packed fields (``q[j]`` is the 3-bit code of weight ``j``, ``s[k]`` the 6-bit sc
 
 Encoders: without importance ggml's ``make_q3_quants`` (an ``x*x``-weighted refinement) per sub-block and the
 scales rounded against ``-32 / max_scale``; with importance ``make_qx_quants(16, 4)`` weighted by
-``qw * sqrt(sigma2 + x*x)`` (``sigma2`` from the super-block) and the scales themselves quantized with
+``qw * sqrt(sigma2 + x*x)`` (``sigma2`` twice the super-block's mean square) and the scales themselves quantized with
 ``make_qx_quants(16, 32)`` weighted by each sub-block's total weight. Codes are then recomputed from the
 rounded scales.
 """

@@ -6,13 +6,13 @@ Byte table (18 bytes per block)::
     0       2     d    fp16 scale; weight j = d * (q[j] - 8)
     2       16    qs   qs[j] = q[j] | q[j + 16] << 4, j = 0..15
 
-    +------+---------------------------------------+
-    | d:2  | qs: 16 x (low nibble q[j], high q[j+16]) |
-    +------+---------------------------------------+
+    +------+--------------------------------------------+
+    | d:2  | qs: 16 x (low nibble q[j], high q[j + 16]) |
+    +------+--------------------------------------------+
 
 Encoders: without importance ggml's reference ``d = max / -8`` (``max`` the signed value of largest
-magnitude), ``q = MIN(15, (int8_t)(x/d + 8.5))``; with importance ``make_qx_quants(32, 8)`` weighted by
-``qw * sqrt(sigma2 + x*x)``, ``sigma2`` the row's mean square.
+magnitude), ``q = MIN(15, (int8_t)(x * (1/d) + 8.5))``; with importance ``make_qx_quants(32, 8)`` weighted
+by ``qw * sqrt(sigma2 + x*x)``, ``sigma2`` the row's mean square.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ Byte table (22 bytes per block)::
     2       4     qh   uint32 (little-endian): bit j = q[j] >> 4, j = 0..31
     6       16    qs   qs[j] = (q[j] & 15) | (q[j + 16] & 15) << 4, j = 0..15
 
-    +------+-------+----------------------------------------+
-    | d:2  | qh:4  | qs: 16 x (low nibble q[j], high q[j+16]) |
-    +------+-------+----------------------------------------+
+    +------+-------+--------------------------------------------+
+    | d:2  | qh:4  | qs: 16 x (low nibble q[j], high q[j + 16]) |
+    +------+-------+--------------------------------------------+
 
-Encoders: without importance ggml's reference ``d = max / -16``, ``q = MIN(31, (int8_t)(x/d + 16.5))``;
+Encoders: without importance ggml's reference ``d = max / -16``, ``q = MIN(31, (int8_t)(x * (1/d) + 16.5))``;
 with importance ``make_qx_quants(32, 16)`` weighted by ``qw * sqrt(sigma2 + x*x)``, ``sigma2`` the row's
 mean square.
 """

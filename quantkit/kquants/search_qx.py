@@ -67,25 +67,27 @@ def signed_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     ``max`` is ``+0.0`` where every element is zero, C's initial value.
     """
-    return _signed_extreme(x.max(axis=0), x.min(axis=0), lambda groups: x[:, groups])
+    return _signed_extreme(np.fmax.reduce(x, axis=0), np.fmin.reduce(x, axis=0), lambda groups: x[:, groups])
 
 
 def _signed_extreme(
     top: np.ndarray, bottom: np.ndarray, tied_groups: Callable[[np.ndarray], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`signed_abs_max` from each group's largest and smallest element.
+    """:func:`signed_abs_max` from each group's largest and smallest element, NaN ignored (as C's ``>``).
 
     Where both ``+amax`` and ``-amax`` occur, ``tied_groups(indices)`` gives those groups element-major
     (``[n, k]``) to find which comes first.
     """
-    amax = np.maximum(top, -bottom)
+    amax = np.fmax(top, -bottom)
     signed = select(top >= -bottom, top, bottom)
     ties = np.flatnonzero((top == -bottom) & (top > 0))
     if ties.size:
         tied = tied_groups(ties)
         first = (np.abs(tied) == amax[ties]).argmax(axis=0)
         signed[ties] = tied[first, np.arange(ties.size)]
-    signed[amax == 0] = 0
+    unset = ~(amax > 0)  # all zero (or NaN): C keeps its initial amax = max = 0
+    amax[unset] = 0
+    signed[unset] = 0
     return amax, signed
 
 
@@ -273,17 +275,18 @@ def symmetric_32_tiles(
 def _reference_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``d = max / -nmax``, ``codes = MIN(2nmax-1, (int8_t)(x/d + nmax+.5))`` for ``blocks [G, 32]``.
 
-    For finite ``x/d`` (|x/d| <= nmax) the truncation is that of the clamped float; where ``1/d``
-    overflows (``d`` denormal) every ``x/d + nmax+.5`` is infinite or NaN, which x86's conversion turns
-    into ``INT_MIN``, whose low byte is 0.
+    For finite ``x/d`` (|x/d| <= nmax) the truncation is that of the clamped float. C converts infinite
+    and NaN values to ``INT_MIN`` (x86), whose low byte is 0: where ``1/d`` overflows (``d`` denormal)
+    every value is infinite or NaN and the block's codes are set to 0; a NaN weight's value stays NaN
+    through the clamp and numpy's cast gives 0 as well.
     """
     # Block extremes from the blocks' 16-byte runs (4 weights) transposed: [8, 4G], cheap to move.
     runs = np.ascontiguousarray(blocks.view(_RUN).T).view(F32)
-    top = runs.max(axis=0).reshape(-1, 4)
-    bottom = runs.min(axis=0).reshape(-1, 4)
+    top = np.fmax.reduce(runs, axis=0).reshape(-1, 4)
+    bottom = np.fmin.reduce(runs, axis=0).reshape(-1, 4)
     _, vmax = _signed_extreme(
-        np.maximum(np.maximum(top[:, 0], top[:, 1]), np.maximum(top[:, 2], top[:, 3])),
-        np.minimum(np.minimum(bottom[:, 0], bottom[:, 1]), np.minimum(bottom[:, 2], bottom[:, 3])),
+        np.fmax(np.fmax(top[:, 0], top[:, 1]), np.fmax(top[:, 2], top[:, 3])),
+        np.fmin(np.fmin(bottom[:, 0], bottom[:, 1]), np.fmin(bottom[:, 2], bottom[:, 3])),
         lambda groups: blocks[groups].T,
     )
     d = vmax / F32(-nmax)
