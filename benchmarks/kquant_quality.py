@@ -6,7 +6,10 @@ x 512 tokens. Evaluation: the first 200 windows of WikiText-2 *test* (gptq proto
 overall bits per weight (every tensor counted, embeddings included). GPTQ rows (int4 and int3,
 g128, on the same calibration windows) give the comparison at similar sizes.
 
-    python benchmarks/kquant_quality.py [--threads 1] [--max-windows 200]
+    python benchmarks/kquant_quality.py [--threads 1] [--max-windows 200] [--only NAME ...]
+
+Rows are merged into the results file as they finish, so runs of disjoint ``--only`` sets (one per
+core) fill one table.
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     parser.add_argument("--max-windows", type=int, default=200)
+    parser.add_argument("--only", nargs="+", help="run only these rows (e.g. Q4_K_M Q4_K_M-imatrix gptq-w4-g128)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = CalibrationSettings(dataset=str(WIKI / "wiki.valid.raw"), num_samples=128, seq_len=512)
     settings = EvalSettings(dataset=str(WIKI / "wiki.test.raw"), protocol="gptq", seq_len=512, batch_size=4,
                             max_windows=args.max_windows)
-    rows: dict[str, dict[str, Any]] = {"float": {"ppl": run_perplexity(None, settings)["ppl"]}}
+    header = {"calibration": "wiki.valid.raw 128 x 512 (importance and GPTQ)",
+              "evaluation": f"wiki.test.raw, gptq protocol, seq-len 512, first {args.max_windows} windows",
+              "threads": args.threads}
+    save_row(header, "float", {"ppl": run_perplexity(None, settings)["ppl"]})
     with tempfile.TemporaryDirectory() as tmp:
         calibration = Path(tmp) / "calib"
         calibrate(None, calibration, data, show_progress=False)
@@ -53,20 +60,27 @@ def main() -> None:
             runs += [(preset, get_preset(preset), None), (f"{preset}-imatrix", get_preset(preset), calibration)]
         runs += [(name, get_preset("int8").with_default(**config), calibration) for name, config in GPTQ.items()]
         for name, recipe, calib in runs:
+            if args.only and name not in args.only:
+                continue
             out = Path(tmp) / name
             started = time.perf_counter()
             report = quantize(None, recipe, out, calibration=calib, show_progress=False)
             seconds = time.perf_counter() - started
             result = run_perplexity(out, settings, base=DEMO_MODEL_DIR)
-            rows[name] = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"],
-                          "bits_per_weight": report.bits_per_weight(), "quantize_seconds": seconds,
-                          "tokens_scored": result["tokens_scored"]}
-            print(name, rows[name], flush=True)
-    RESULTS.write_text(json.dumps({
-        "calibration": "wiki.valid.raw 128 x 512 (importance and GPTQ)",
-        "evaluation": f"wiki.test.raw, gptq protocol, seq-len 512, first {args.max_windows} windows",
-        "threads": args.threads, "results": rows}, indent=2) + "\n")
+            row = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"],
+                   "bits_per_weight": report.bits_per_weight(), "quantize_seconds": seconds,
+                   "tokens_scored": result["tokens_scored"]}
+            save_row(header, name, row)
+            print(name, row, flush=True)
     print(f"wrote {RESULTS}")
+
+
+def save_row(header: dict[str, Any], name: str, row: dict[str, Any]) -> None:
+    """Merge one result row into the results file (same settings only)."""
+    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = saved.get("results", {}) if all(saved.get(k) == v for k, v in header.items()) else {}
+    results[name] = row
+    RESULTS.write_text(json.dumps({**header, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
