@@ -18,7 +18,6 @@ computes the same in float32.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf_file import atomic_gguf
 from quantkit.formats.gguf_names import gguf_name
 
 # llama.cpp's own names (tools/imatrix/imatrix.cpp); gguf-py only has them as Keys.IMatrix from 0.18 on
@@ -93,9 +93,7 @@ def write_imatrix_gguf(
     arrays = {name: _to_arrays(name, *entries[name]) for name in sorted(entries)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    writer = _ImatrixWriter(tmp, arch="")
-    try:
+    with atomic_gguf(path, lambda tmp: _ImatrixWriter(tmp, arch="")) as writer:
         writer.add_type(IMATRIX_TYPE)
         writer.add_key_value(KEY_DATASETS, list(datasets), gguf.GGUFValueType.ARRAY,
                              sub_type=gguf.GGUFValueType.STRING)
@@ -107,12 +105,6 @@ def write_imatrix_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _field(reader: gguf.GGUFReader, path: Path, key: str) -> object:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf_file import atomic_gguf
 from quantkit.formats.gguf_names import GGUF_ARCH, gguf_name
 from quantkit.model.archs import ArchSpec, get_arch
 from quantkit.model.checkpoint import Checkpoint
@@ -139,33 +138,24 @@ def write_gguf(
         raise QuantkitError(f"cannot write {path}: no directory {path.parent}")
     plan = {source.name: source for source in gguf_sources(checkpoint)}
     hparams = model_hparams(checkpoint)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # renamed over path once complete
-    writer = gguf.GGUFWriter(tmp, GGUF_ARCH[checkpoint.model_type], use_temp_file=True)
-    try:
-        # tensor data is staged next to the output, not in /tmp: it is as large as the model
-        with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+b", dir=str(path.parent)) as staging:
-            writer.temp_file = staging
-            weights = _add_tensors(writer, plan, tensors)
-            if plan:
-                raise QuantkitError(f"GGUF export of {checkpoint.path} got no data for {len(plan)} tensor(s), "
-                                    f"e.g. {next(iter(plan))}")
-            writer.add_type(gguf.GGUFType.MODEL)
-            writer.add_name(checkpoint.path.name)
-            _add_hparams(writer, checkpoint.model_type, hparams)
-            _add_tokenizer(writer, checkpoint.path, int(hparams["vocab_size"]))
-            writer.add_file_type(file_type if file_type is not None else _file_type(weights))
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for key, value in (extra_metadata or {}).items():
-                _add_value(writer, key, value)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_gguf(path, lambda tmp: gguf.GGUFWriter(tmp, GGUF_ARCH[checkpoint.model_type], use_temp_file=True)) \
+            as writer, tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+b", dir=str(path.parent)) as staging:
+        writer.temp_file = staging  # tensor data is staged next to the output, not in /tmp: it is as large as the model
+        weights = _add_tensors(writer, plan, tensors)
+        if plan:
+            raise QuantkitError(f"GGUF export of {checkpoint.path} got no data for {len(plan)} tensor(s), "
+                                f"e.g. {next(iter(plan))}")
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(checkpoint.path.name)
+        _add_hparams(writer, checkpoint.model_type, hparams)
+        _add_tokenizer(writer, checkpoint.path, int(hparams["vocab_size"]))
+        writer.add_file_type(file_type if file_type is not None else _file_type(weights))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in (extra_metadata or {}).items():
+            _add_value(writer, key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
 
 
 def _add_tensors(writer: gguf.GGUFWriter, plan: dict[str, GgufSource],
