@@ -31,8 +31,7 @@ import numpy as np
 from quantkit.kquants.base import BLOCK_FORMATS, QK_K, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16, nearest_int, to_fp16
 from quantkit.kquants.search_qkx import (
-    PIECE_BLOCKS,
-    block_importance,
+    encode_in_pieces,
     make_qkx_quants,
     make_qp_quants_pair,
     positive_max,
@@ -85,14 +84,7 @@ class Q2_K(BlockFormat):
     type_size = 84
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        x = self.blocks_of(rows)
-        qw = block_importance(importance, rows.shape[0])
-        out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
-        with np.errstate(all="ignore"):
-            for start in range(0, x.shape[0], PIECE_BLOCKS):
-                part = slice(start, start + PIECE_BLOCKS)
-                out[part] = encode_q2_k(x[part], None if qw is None else qw[part])
-        return out.reshape(rows.shape[0], -1)
+        return encode_in_pieces(rows, importance, self.type_size, encode_q2_k)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:
         n = blocks.shape[0]

@@ -34,8 +34,7 @@ import numpy as np
 from quantkit.kquants.base import BLOCK_FORMATS, QK_K, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16, nearest_int, to_fp16
 from quantkit.kquants.search_qkx import (
-    PIECE_BLOCKS,
-    block_importance,
+    encode_in_pieces,
     make_qkx_quants,
     make_qp_quants_pair,
     positive_max,
@@ -120,17 +119,12 @@ class Q4_K(BlockFormat):
     type_size = 144
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        x = self.blocks_of(rows)
-        qw = block_importance(importance, rows.shape[0])
-        out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
-        with np.errstate(all="ignore"):
-            for start in range(0, x.shape[0], PIECE_BLOCKS):
-                part = slice(start, start + PIECE_BLOCKS)
-                head, codes = encode_k4(x[part], None if qw is None else qw[part], 15, (-1.0, 0.1, 20), False)
-                out[part, :16] = head
-                pairs = codes.reshape(-1, 4, 2, 32)
-                out[part, 16:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
-        return out.reshape(rows.shape[0], -1)
+        return encode_in_pieces(rows, importance, self.type_size, self._encode_piece)
+
+    def _encode_piece(self, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        head, codes = encode_k4(x, qw, 15, (-1.0, 0.1, 20), False)
+        pairs = codes.reshape(-1, 4, 2, 32)
+        return np.concatenate([head, (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:
         n = blocks.shape[0]

@@ -31,7 +31,7 @@ import numpy as np
 from quantkit.kquants.base import BLOCK_FORMATS, QK_K, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16
 from quantkit.kquants.q4_k import N_SUB, SUB, encode_k4, unpack_scales_k4
-from quantkit.kquants.search_qkx import PIECE_BLOCKS, block_importance
+from quantkit.kquants.search_qkx import encode_in_pieces
 
 _BIT = (np.uint8(1) << np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
 
@@ -43,19 +43,14 @@ class Q5_K(BlockFormat):
     type_size = 176
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        x = self.blocks_of(rows)
-        qw = block_importance(importance, rows.shape[0])
-        out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
-        with np.errstate(all="ignore"):
-            for start in range(0, x.shape[0], PIECE_BLOCKS):
-                part = slice(start, start + PIECE_BLOCKS)
-                head, codes = encode_k4(x[part], None if qw is None else qw[part], 31, (-0.5, 0.1, 15), True)
-                out[part, :16] = head
-                pairs = codes.reshape(-1, 4, 2, 32)
-                out[part, 16:48] = np.bitwise_or.reduce(np.where(pairs > 15, _BIT, np.uint8(0)), axis=(1, 2))
-                low = pairs & np.uint8(0x0F)
-                out[part, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
-        return out.reshape(rows.shape[0], -1)
+        return encode_in_pieces(rows, importance, self.type_size, self._encode_piece)
+
+    def _encode_piece(self, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        head, codes = encode_k4(x, qw, 31, (-0.5, 0.1, 15), True)
+        pairs = codes.reshape(-1, 4, 2, 32)
+        high_bits = np.bitwise_or.reduce(np.where(pairs > 15, _BIT, np.uint8(0)), axis=(1, 2))
+        low = pairs & np.uint8(0x0F)
+        return np.concatenate([head, high_bits, (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)], axis=1)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:
         n = blocks.shape[0]

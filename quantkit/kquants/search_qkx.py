@@ -13,6 +13,8 @@ in that order, whereas numpy's reductions along a contiguous axis are pairwise a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from quantkit.kquants.base import QK_K
@@ -45,6 +47,26 @@ def block_importance(importance: np.ndarray | None, n_rows: int) -> np.ndarray |
         return None
     per_row = importance.reshape(1, -1, QK_K)
     return np.broadcast_to(per_row, (n_rows, *per_row.shape[1:])).reshape(-1, QK_K)
+
+
+def encode_in_pieces(
+    rows: np.ndarray, importance: np.ndarray | None, type_size: int,
+    encode_piece: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+) -> np.ndarray:
+    """Rows ``[n_rows, n_per_row]`` as super-blocks, encoded ``PIECE_BLOCKS`` at a time by ``encode_piece``.
+
+    ``encode_piece(x [n, 256], importance [n, 256] | None)`` returns the blocks' bytes ``[n, type_size]``.
+    Like ggml, the searches divide by zero or overflow on degenerate blocks and then discard those
+    values, so floating-point warnings are silenced.
+    """
+    x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK_K)
+    qw = block_importance(importance, rows.shape[0])
+    out = np.empty((x.shape[0], type_size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        for start in range(0, x.shape[0], PIECE_BLOCKS):
+            part = slice(start, start + PIECE_BLOCKS)
+            out[part] = encode_piece(x[part], None if qw is None else qw[part])
+    return out.reshape(rows.shape[0], -1)
 
 
 def make_qkx_quants(
