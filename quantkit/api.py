@@ -206,9 +206,7 @@ def quantize(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in checkpoint.other_files():
             shutil.copy2(file, tmp / file.name)
-        _add_notes(report)
-        report.wall_time_s = time.perf_counter() - started
-        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        _finish_report(report, started)
         report.write(tmp)
     return report
 
@@ -220,9 +218,6 @@ def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, ove
     import numpy as np
 
     from quantkit.formats import gguf_export
-    from quantkit.kquants import BLOCK_FORMATS
-    from quantkit.kquants import decode as decode_blocks
-    from quantkit.kquants import encode as encode_blocks
 
     if out.exists() and not overwrite:
         raise QuantkitError(f"{out} exists; pass --overwrite to replace it")
@@ -249,20 +244,20 @@ def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, ove
                 yield source.name, ggml_type, stored
                 continue
             assert scheme.ggml_type is not None
-            rows = data.reshape(len(members), -1, data.shape[-1])  # one slice per expert (1 for plain weights)
-            blocks, decoded, tokens = [], [], []
+            rows = torch.from_numpy(data.reshape(len(members), -1, data.shape[-1]))  # one slice per expert
+            quantized: list[BlockQuantized] = []
+            tokens = []
             for member, expert_rows in zip(members, rows, strict=True):
                 importance, n_tokens = _importance(member, calib, plan)
-                weights = None if importance is None else importance.numpy()
-                blocks.append(encode_blocks(scheme.ggml_type, expert_rows, weights))
-                decoded.append(torch.from_numpy(decode_blocks(scheme.ggml_type, blocks[-1], expert_rows.shape[1])))
+                blocks = SCHEMES.get("kquant").quantize(expert_rows, scheme, importance)
+                assert isinstance(blocks, BlockQuantized)
+                quantized.append(blocks)
                 tokens.append(n_tokens)
-            packed = np.stack(blocks).reshape(*data.shape[:-1], -1)
+            packed = np.stack([q.data for q in quantized]).reshape(*data.shape[:-1], -1)
             record = TensorRecord(
-                source.name, role, scheme.describe(), BLOCK_FORMATS.get(scheme.ggml_type).code_bits, None, None,
-                list(data.shape), scheme.ggml_type,
-                packed.nbytes * 8 / data.size, bytes_before, packed.nbytes,
-                relative_error(torch.from_numpy(rows), torch.stack(decoded)),
+                source.name, role, scheme.describe(), _code_bits(quantized[0]), None, None, list(data.shape),
+                scheme.ggml_type, packed.nbytes * 8 / data.size, bytes_before, packed.nbytes,
+                relative_error(rows, torch.stack([q.dequantize() for q in quantized])),
                 type_rule=plan.type_rules.get(members[0].name),
                 importance_tokens=None if tokens[0] is None else min(t or 0 for t in tokens),
             )
@@ -272,16 +267,14 @@ def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, ove
     preset = plan.recipe.default.kquant_preset
     file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
     gguf_export.write_gguf(out, checkpoint, tensors(), file_type=int(file_type))
-    _add_notes(report)
-    report.wall_time_s = time.perf_counter() - started
-    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _finish_report(report, started)
     report_path = out.with_name(out.stem + ".quantkit_report.json")
     report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
-def _add_notes(report: QuantReport) -> None:
-    """Report notes on fallbacks the per-tensor records hold."""
+def _finish_report(report: QuantReport, started: float) -> None:
+    """Notes on the fallbacks the per-tensor records hold, wall time and peak memory."""
     fallbacks = sum(1 for t in report.tensors if t.input_fallback)
     if fallbacks:
         report.notes.append(f"{fallbacks} starved expert weight(s) use a fallback input range (see input_fallback)")
@@ -293,6 +286,8 @@ def _add_notes(report: QuantReport) -> None:
     if row_fallbacks:
         report.notes.append(f"{row_fallbacks} k-quant weight(s) fell back to another type: rows not divisible by "
                             "the block size (see type_rule)")
+    report.wall_time_s = time.perf_counter() - started
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _importance(item: TensorPlan, calib: Calibration | None, plan: QuantPlan) -> tuple[torch.Tensor | None, int | None]:
