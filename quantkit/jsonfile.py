@@ -15,7 +15,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise QuantkitError(f"file not found: {path}")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also undecodable bytes, too-deep nesting, over-long integers
         raise QuantkitError(f"invalid JSON in {path}: {exc}") from None
     if not isinstance(data, dict):
         raise QuantkitError(f"{path} is not a JSON object")

@@ -2,12 +2,16 @@
 
 Nothing here loads the whole model: tensor headers are read up front (names, shapes,
 dtypes), and each tensor is read from its memory-mapped shard only when asked for.
+Nothing outside the model directory is read (bar a hub cache snapshot's ``blobs/``), and
+ambiguous or unsupported checkpoints are refused when opened, with one-line errors.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +41,31 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 
-# Files that belong to the float weights and are never copied next to a quantized output.
+Shape = tuple[int, ...]
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SAMPLE = 64 * 1024  # bytes per fingerprint sample
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+# The only top-level files copied next to a quantized output (fnmatch patterns): the tokenizer,
+# generation defaults, the model card and licences. Code (*.py) and everything else stays behind.
+TRAVELLING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "*.tiktoken", "chat_template.jinja",
+    "chat_template.json", "generation_config.json", "README.md", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*",
+)
+
+# config.json's integer sizes: positive, except those that may be 0 or (as Hugging Face allows) null.
+_SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "max_position_embeddings", "head_dim", "moe_intermediate_size", "n_routed_experts", "num_experts",
+    "num_local_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+    "shared_expert_intermediate_size", "decoder_sparse_step",
+)
+_MAY_BE_ZERO = {"n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"}
+_MAY_BE_NULL = {
+    "num_key_value_heads", "head_dim", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "n_group",
+    "topk_group", "q_lora_rank", "v_head_dim",
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,8 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         for file, names in _shard_map(path).items():
             self._read_header(file, names)
+        self._refuse_fp8()
+        self._other_files = _travelling_files(path)
 
     @classmethod
     def open(cls, model: str | Path | None) -> Checkpoint:
@@ -155,69 +183,171 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def other_files(self) -> list[Path]:
-        """Top-level files that travel with the weights unchanged (tokenizer, generation config, ...)."""
-        skip = {"config.json", INDEX_FILE}
-        return sorted(
-            p
-            for p in self.path.iterdir()
-            if p.is_file()
-            and p.name not in skip
-            and not p.name.startswith(".")
-            and not p.name.endswith(_WEIGHT_SUFFIXES)
-            and not p.name.endswith(".index.json")
-        )
+        """Top-level files that travel with the weights unchanged (see ``TRAVELLING_FILES``)."""
+        return list(self._other_files)
 
     def _read_header(self, file: Path, expected: set[str] | None) -> None:
-        if not file.is_file():
-            raise QuantkitError(f"missing shard {file.name} (listed in {INDEX_FILE}) in {self.path}")
-        try:
-            handle = safe_open(str(file), framework="pt")
-            names = set(handle.keys())
-            for name in names:
-                tensor_slice = handle.get_slice(name)
-                dtype_name = tensor_slice.get_dtype()
-                if dtype_name not in SAFETENSORS_DTYPES:
-                    raise QuantkitError(f"unsupported dtype {dtype_name} for {name} in {file.name}")
-                self.tensors[name] = TensorInfo(
-                    name, tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype_name], file
+        handle, header = _read_shard_header(self.path, file, expected is not None)
+        for name, (dtype_name, shape) in sorted(header.items()):
+            if dtype_name not in SAFETENSORS_DTYPES:
+                raise QuantkitError(f"unsupported dtype {dtype_name} for {name} in {file.name}")
+            if name in self.tensors:
+                raise QuantkitError(
+                    f"tensor {name} is in two shards of {self.path}, {self.tensors[name].file.name} and {file.name}: "
+                    "which copy is meant is ambiguous"
                 )
-        except SafetensorError as exc:
-            raise QuantkitError(f"corrupt shard {file.name}: {exc}") from None
+            self.tensors[name] = TensorInfo(name, shape, SAFETENSORS_DTYPES[dtype_name], file)
         self._handles[file] = handle
-        if expected is not None and not expected <= names:
-            missing = sorted(expected - names)
+        if expected is not None and not expected <= header.keys():
+            missing = sorted(expected - header.keys())
             raise QuantkitError(
                 f"shard {file.name} lacks {len(missing)} tensor(s) its index lists, e.g. {missing[0]}"
             )
+
+    def _refuse_fp8(self) -> None:
+        """FP8 weights (e.g. DeepSeek-V3's, with ``<name>_scale_inv`` block scales) cannot be read yet."""
+        for info in self.tensors.values():
+            if info.dtype in _FP8_DTYPES:
+                layout = "FP8 with block scales, DeepSeek-V3's layout" if f"{info.name}_scale_inv" in self else "FP8"
+                raise QuantkitError(
+                    f"{info.name} in {info.file.name} is {str(info.dtype).removeprefix('torch.')} ({layout}): "
+                    "quantkit cannot read FP8 checkpoints yet; convert them to bf16 first"
+                )
+
+
+def _read_shard_header(model_dir: Path, file: Path, listed: bool) -> tuple[Any, dict[str, tuple[str, Shape]]]:
+    """An open handle on ``file`` and its tensors' dtype names and shapes; a one-line error if it is malformed."""
+    try:
+        status = file.stat()
+    except FileNotFoundError:
+        listed_in = f" (listed in {INDEX_FILE})" if listed else ""
+        raise QuantkitError(f"missing shard {file.name}{listed_in} in {model_dir}") from None
+    except OSError as exc:  # e.g. a name too long
+        raise QuantkitError(f"cannot read shard {file.name}: {exc.strerror or _first_line(exc)}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise QuantkitError(f"shard {file.name} in {model_dir} is a directory, not a safetensors file")
+    if not stat.S_ISREG(status.st_mode):
+        raise QuantkitError(f"shard {file.name} in {model_dir} is not a regular file")
+    if status.st_size == 0:
+        raise QuantkitError(f"corrupt shard {file.name}: the file is empty")
+    try:
+        handle = safe_open(str(file), framework="pt")
+        header = {}
+        names = handle.keys()  # a safe_open handle has keys() but is not iterable
+        for name in names:
+            tensor_slice = handle.get_slice(name)
+            header[name] = (tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
+    except OSError as exc:
+        raise QuantkitError(f"cannot read shard {file.name}: {exc.strerror or _first_line(exc)}") from None
+    except (SafetensorError, ValueError) as exc:
+        raise QuantkitError(f"corrupt shard {file.name}: {_first_line(exc)}") from None
+    except BaseException as exc:  # pyo3's PanicException (a BaseException) when the Rust reader panics
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise QuantkitError(f"corrupt shard {file.name}: {_first_line(exc)}") from None
+    return handle, header
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QuantkitError(f"no config.json in {path}: not a Hugging Face checkpoint directory")
-    return read_json_object(config_file)
+    config = read_json_object(_inside(path, "config.json"))
+    _check_config_values(config, path)
+    return config
+
+
+def _check_config_values(config: dict[str, Any], path: Path) -> None:
+    """Refuse a non-string ``model_type`` and size fields that are not integers in range."""
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise QuantkitError(f"config.json in {path}: model_type must be a string, got {_show(config['model_type'])}")
+    for field in _SIZE_FIELDS:
+        if field not in config or (config[field] is None and field in _MAY_BE_NULL):
+            continue
+        value = config[field]
+        lowest = 0 if field in _MAY_BE_ZERO else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            kind = "non-negative" if lowest == 0 else "positive"
+            nullable = " or null" if field in _MAY_BE_NULL else ""
+            expected = f"a {kind} integer{nullable}"
+            raise QuantkitError(f"config.json in {path}: {field} must be {expected}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    """``value`` as JSON, cut short to stay readable on one line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shard_map(path: Path) -> dict[Path, set[str] | None]:
     """Shard file -> the tensor names its index promises (None when there is no index)."""
-    index_file = path / INDEX_FILE
-    if index_file.is_file():
-        weight_map = read_json_object(index_file).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise QuantkitError(f"invalid {INDEX_FILE} in {path}: no 'weight_map' object")
-        shards: dict[Path, set[str] | None] = {}
-        for name, file in weight_map.items():
-            names = shards.setdefault(path / file, set())
-            assert names is not None
-            names.add(name)
-        return shards
+    if (path / INDEX_FILE).is_file():
+        return _indexed_shards(path, read_json_object(_inside(path, INDEX_FILE)))
     if (path / SINGLE_FILE).is_file():
-        return {path / SINGLE_FILE: None}
+        return {_inside(path, SINGLE_FILE): None}
     files = sorted(path.glob("*.safetensors"))
     if files:
-        return dict.fromkeys(files)
+        return {_inside(path, file.name): None for file in files}
     if any(path.glob("*.bin")):
         raise QuantkitError(
             f"{path} holds only pickle (.bin) weights, which quantkit does not load; convert them to safetensors"
         )
     raise QuantkitError(f"no safetensors weights in {path}")
+
+
+def _indexed_shards(path: Path, index: dict[str, Any]) -> dict[Path, set[str] | None]:
+    """The shards an index's ``weight_map`` (tensor name -> file name) names, each inside ``path``."""
+    weight_map = index.get("weight_map")
+    invalid = f"invalid {INDEX_FILE} in {path}"
+    if not isinstance(weight_map, dict):
+        raise QuantkitError(f"{invalid}: no 'weight_map' object")
+    if not weight_map:
+        raise QuantkitError(f"{invalid}: weight_map is empty")
+    shards: dict[Path, set[str] | None] = {}
+    for name, file in weight_map.items():
+        if not name:
+            raise QuantkitError(f"{invalid}: weight_map has an empty tensor name")
+        if not isinstance(file, str) or not file or "\0" in file:
+            raise QuantkitError(f"{invalid}: weight_map[{name!r}] must be a shard file name, got {_show(file)}")
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise QuantkitError(
+                f"{INDEX_FILE} in {path} names shard {file!r}, outside the model directory "
+                "(absolute paths and '..' are refused)"
+            )
+        names = shards.setdefault(_inside(path, file), set())
+        assert names is not None
+        names.add(name)
+    return shards
+
+
+def _travelling_files(path: Path) -> list[Path]:
+    """The top-level files matching ``TRAVELLING_FILES``, each inside ``path``."""
+    names = sorted(
+        p.name for p in path.iterdir() if p.is_file() and any(fnmatch.fnmatchcase(p.name, t) for t in TRAVELLING_FILES)
+    )
+    return [_inside(path, name) for name in names]
+
+
+def _inside(model_dir: Path, name: str) -> Path:
+    """``model_dir / name``, refused if it resolves (through symlinks) outside ``model_dir``.
+
+    A hub cache snapshot (``models--org--name/snapshots/<rev>/``) links its files into the
+    sibling ``blobs/`` directory; those links are allowed.
+    """
+    file = model_dir / name
+    try:
+        target = file.resolve()
+        root = model_dir.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops, names too long
+        raise QuantkitError(f"cannot resolve {name!r} in {model_dir}: {_first_line(exc)}") from None
+    allowed = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        allowed.append((root.parent.parent / "blobs").resolve())
+    if not any(target.is_relative_to(directory) for directory in allowed):
+        raise QuantkitError(f"{name} in {model_dir} is a symlink to {target}, outside the model directory")
+    return file
