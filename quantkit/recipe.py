@@ -14,7 +14,7 @@ A recipe file (YAML or JSON)::
     ignore: ["lm_head"]                 # always float
 
 Patterns match the tensor name (``...q_proj.weight``) or its module name (``...q_proj``):
-globs (``fnmatch``), ``re:`` regexes (``re.fullmatch``) and ``role:<role>`` with roles
+globs (``fnmatch``), ``re:`` regexes (``fullmatch``, Python syntax, 1 s per name at most) and ``role:<role>`` with roles
 embedding, lm_head, norm, router, attention, dense_mlp, shared_expert, routed_expert.
 Routers, norms and embeddings are never quantized, whatever a rule says.
 """
@@ -23,20 +23,32 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from quantkit.errors import QuantkitError
 from quantkit.model.archs.base import QUANTIZABLE_ROLES, Role
-from quantkit.schemes import SCHEMES, SchemeConfig
+from quantkit.recipe_schema import (
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_RECIPE_BYTES,
+    NO_ANCHORS,
+    RECIPE_VERSION,
+    SIZE_LIMIT,
+    TOO_DEEP,
+    TOO_MANY_NODES,
+    check_pattern,
+    check_rule,
+    show_value,
+    validate_recipe,
+)
+from quantkit.schemes import SchemeConfig
 
-RECIPE_VERSION = 1
-FLOAT = "float"
-_SCHEME_FIELDS = {f.name for f in fields(SchemeConfig)}
+FLOAT = "float"  # a rule's method that keeps its tensors in float
 
 
 @dataclass(frozen=True)
@@ -80,10 +92,14 @@ class Recipe:
     def with_rule(self, patterns: list[str], **changes: Any) -> Recipe:
         """The recipe with a rule placed first (CLI overrides win over file rules)."""
         rule = Rule(tuple(patterns), {k: v for k, v in changes.items() if v is not None})
-        _validate_rule(rule, self.default, "command line")
+        check_rule({"match": list(rule.patterns), **rule.changes}, "command-line rule")
+        _check_rule_scheme(rule, self.default, "command-line rule")
         return Recipe(self.default, (rule, *self.rules), self.ignore, self.name, self.version)
 
     def with_ignore(self, patterns: list[str]) -> Recipe:
+        """The recipe with more ``ignore`` patterns (the CLI's --ignore), checked like a file's."""
+        for pattern in patterns:
+            check_pattern(pattern, "--ignore")
         return Recipe(self.default, self.rules, (*self.ignore, *patterns), self.name, self.version)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,13 +113,21 @@ class Recipe:
         }
 
 
+REGEX_TIMEOUT_S = 1.0  # per tensor name: a catastrophically backtracking pattern fails instead of hanging
+
+
 def pattern_matches(pattern: str, name: str, role: Role) -> bool:
     if pattern.startswith("role:"):
         return pattern[5:] == role.value
     module = name.removesuffix(".weight")
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return bool(regex.fullmatch(name) or regex.fullmatch(module))
+        compiled = regex.compile(pattern[3:])
+        try:
+            return bool(compiled.fullmatch(name, timeout=REGEX_TIMEOUT_S)
+                        or compiled.fullmatch(module, timeout=REGEX_TIMEOUT_S))
+        except TimeoutError:
+            raise QuantkitError(f"pattern {pattern!r} takes over {REGEX_TIMEOUT_S:g} s to match {name} "
+                                "(catastrophic backtracking); simplify it") from None
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module, pattern)
 
 
@@ -112,71 +136,144 @@ def load_recipe(path: Path) -> Recipe:
     if not path.is_file():
         raise QuantkitError(f"recipe file not found: {path}")
     try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QuantkitError(f"invalid recipe {path}: {first}") from None
-    try:
-        return recipe_from_dict(data, name=path.stem)
+        return recipe_from_dict(_read_recipe_data(path), name=path.stem)
     except QuantkitError as exc:
         raise QuantkitError(f"invalid recipe {path}: {exc}") from None
 
 
 def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
-    if not isinstance(data, dict):
-        raise QuantkitError("a recipe is a mapping with version, default, rules, ignore")
-    unknown = set(data) - {"version", "name", "default", "rules", "ignore"}
-    if unknown:
-        raise QuantkitError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
-    version = data.get("version")
-    if version != RECIPE_VERSION:
-        raise QuantkitError(f"recipe version must be {RECIPE_VERSION}, got {version!r}")
-    default = _scheme_from_dict(data.get("default"), "default")
+    """A recipe from parsed YAML/JSON; one-line errors name the offending field."""
+    validate_recipe(data)
+    default = SchemeConfig(method=data["default"]["method"]).with_updates(**data["default"])
+    _check_scheme(default, "default")
     rules = []
     for i, raw in enumerate(data.get("rules") or []):
-        if not isinstance(raw, dict) or "match" not in raw:
-            raise QuantkitError(f"rules[{i}] needs a 'match' pattern or list of patterns")
         patterns = raw["match"] if isinstance(raw["match"], list) else [raw["match"]]
-        changes = {k: v for k, v in raw.items() if k != "match"}
-        rule = Rule(tuple(str(p) for p in patterns), changes)
-        _validate_rule(rule, default, f"rules[{i}]")
+        rule = Rule(tuple(patterns), {k: v for k, v in raw.items() if k != "match"})
+        _check_rule_scheme(rule, default, f"rules[{i}]")
         rules.append(rule)
-    ignore = data.get("ignore") or []
-    if not isinstance(ignore, list):
-        raise QuantkitError("'ignore' must be a list of patterns")
-    return Recipe(default, tuple(rules), tuple(str(p) for p in ignore), str(data.get("name", name)))
+    return Recipe(default, tuple(rules), tuple(data.get("ignore") or ()), data.get("name", name))
 
 
-def _scheme_from_dict(raw: Any, where: str) -> SchemeConfig:
-    if not isinstance(raw, dict) or "method" not in raw:
-        raise QuantkitError(f"'{where}' must be a mapping with at least 'method'")
-    unknown = set(raw) - _SCHEME_FIELDS
-    if unknown:
-        raise QuantkitError(f"unknown field(s) in '{where}': {', '.join(sorted(unknown))}")
-    SCHEMES.get(str(raw["method"]))
-    config = SchemeConfig(method=str(raw["method"])).with_updates(**raw)
-    config.validate()
-    return config
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without anchors, aliases or duplicate keys, within MAX_DEPTH levels and MAX_NODES keys and values."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:  # an alias's anchor is its target
+            raise _composer_error(NO_ANCHORS, event)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _composer_error(TOO_MANY_NODES, event)
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        if self.depth == MAX_DEPTH:
+            raise _composer_error(TOO_DEEP, event)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # collection keys are refused as unhashable by the base class
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {show_value(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _validate_rule(rule: Rule, default: SchemeConfig, where: str) -> None:
-    unknown = set(rule.changes) - _SCHEME_FIELDS
-    if unknown:
-        raise QuantkitError(f"unknown field(s) in {where}: {', '.join(sorted(unknown))}")
-    for pattern in rule.patterns:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise QuantkitError(f"bad regex {pattern!r} in {where}: {exc}") from None
-        if pattern.startswith("role:") and pattern[5:] not in {r.value for r in Role}:
-            raise QuantkitError(f"unknown role {pattern[5:]!r} in {where}; roles: {', '.join(r.value for r in Role)}")
+def _composer_error(problem: str, event: yaml.Event) -> yaml.composer.ComposerError:
+    return yaml.composer.ComposerError(None, None, problem, event.start_mark)  # type: ignore[arg-type]  # stubs: 2 Marks
+
+
+def _read_recipe_data(path: Path) -> Any:
+    """The parsed file: bounded in size and nesting, strict UTF-8, no YAML anchors or duplicate keys."""
+    too_big = f"larger than the {SIZE_LIMIT} limit for recipes"
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise QuantkitError(too_big)
+        with path.open("rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise QuantkitError(f"cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise QuantkitError(too_big)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QuantkitError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
+    if path.suffix == ".json":
+        return _parse_json(text)
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # _RecipeLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise QuantkitError(", ".join(filter(None, [exc.context, exc.problem])) + where) from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. a 5,000-digit integer, a 13th month
+        raise QuantkitError(str(exc).strip().splitlines()[0]) from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise QuantkitError(TOO_DEEP) from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, a 5,000-digit integer
+        raise QuantkitError(str(exc).strip().splitlines()[0]) from None
+    _check_nesting(data)
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {show_value(key)}")
+        data[key] = value
+    return data
+
+
+def _check_nesting(data: Any) -> None:
+    """The YAML loader's limits for parsed JSON: MAX_DEPTH levels, MAX_NODES keys and values (no recursion)."""
+    nodes, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        is_dict, is_list = isinstance(value, dict), isinstance(value, list)
+        nodes += 1 + (len(value) if is_dict else 0)
+        if nodes > MAX_NODES:
+            raise QuantkitError(TOO_MANY_NODES)
+        if not (is_dict or is_list):
+            continue
+        if depth > MAX_DEPTH:
+            raise QuantkitError(TOO_DEEP)
+        stack.extend((child, depth + 1) for child in (value.values() if is_dict else value))
+
+
+def _check_scheme(config: SchemeConfig, where: str) -> None:
+    try:
+        config.validate()
+    except QuantkitError as exc:
+        raise QuantkitError(f"{where}: {exc}") from None
+
+
+def _check_rule_scheme(rule: Rule, default: SchemeConfig, where: str) -> None:
+    """The default updated with the rule's fields must be a valid scheme (unless the rule keeps float)."""
     if rule.changes.get("method") == FLOAT:
         return
-    if "method" in rule.changes:
-        SCHEMES.get(str(rule.changes["method"]))
-    default.with_updates(**rule.changes).validate()
+    _check_scheme(default.with_updates(**rule.changes), where)
 
 
 PRESETS: dict[str, Recipe] = {
