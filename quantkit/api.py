@@ -18,10 +18,12 @@ from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors, ggml_blocks, gptq_v1
-from quantkit.formats.sharded import ShardedWriter, atomic_directory
+from quantkit.formats.sharded import ShardedWriter
 from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.model.archs.base import LINEAR_ROLES, Role
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.finite import check_all_finite, check_finite
+from quantkit.outputs import atomic_directory, atomic_file
 from quantkit.pipeline import LayerPipeline
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
 from quantkit.progress import StepProgress, track
@@ -144,8 +146,9 @@ def quantize(
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, data, calib)
     encode = _encoder(output_format, plan)
+    reads = [checkpoint.path, *([calibration] if calibration is not None else [])]
     if output_format == "gguf":
-        return _quantize_to_gguf(plan, calib, out, overwrite, report, started, show_progress, console)
+        return _quantize_to_gguf(plan, calib, out, overwrite, reads, report, started, show_progress, console)
     block_weights: dict[str, tuple[str, tuple[int, int]]] = {}
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
@@ -161,7 +164,9 @@ def quantize(
         elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
             float_modules.append(item.module)
 
-    with atomic_directory(out, overwrite) as tmp:
+    if gptq_data is not None:
+        check_all_finite(checkpoint, show_progress, console)
+    with atomic_directory(out, overwrite, reads=reads, notes=report.notes) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         if gptq_data is not None:
             scale_dtype = torch.float16 if output_format == "gptq-v1" else None  # v1 stores fp16 scales
@@ -187,7 +192,7 @@ def quantize(
                 if item.name in hessian_items:
                     continue
                 weight = views[item.name]
-                _check_finite(item.name, weight, checkpoint)
+                check_finite(item.name, weight, checkpoint)
                 importance, tokens = _importance(item, calib, plan)
                 record = _write_tensor(item, weight, writer, encode, importance=importance)
                 record.type_rule, record.importance_tokens = plan.type_rules.get(item.name), tokens
@@ -211,18 +216,14 @@ def quantize(
     return report
 
 
-def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool, report: QuantReport,
-                      started: float, show_progress: bool, console: Console | None) -> QuantReport:
+def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool, reads: list[Any],
+                      report: QuantReport, started: float, show_progress: bool, console: Console | None) -> QuantReport:
     """Write the plan as one llama.cpp GGUF file at ``out`` (atomically) and its report beside it."""
     import gguf
     import numpy as np
 
     from quantkit.formats import gguf_export
 
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"{out} exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise QuantkitError(f"--format gguf writes one file, but {out} is a directory")
     checkpoint = plan.checkpoint
     items = {t.name: t for t in plan.tensors}
     sources = gguf_export.gguf_sources(checkpoint)
@@ -230,6 +231,7 @@ def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, ove
     def tensors() -> Iterator[tuple[str, gguf.GGMLQuantizationType, np.ndarray]]:
         for source in track(sources, "quantizing", show_progress, console):
             data = gguf_export.load_source(checkpoint, source)
+            check_finite(source.name, torch.from_numpy(data), checkpoint)
             members = [items[name] for name in source.hf_names if name in items]
             scheme = members[0].scheme if members else None
             role = members[0].role.value if members else "other"
@@ -266,11 +268,24 @@ def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, ove
 
     preset = plan.recipe.default.kquant_preset
     file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
-    gguf_export.write_gguf(out, checkpoint, tensors(), file_type=int(file_type))
-    _finish_report(report, started)
-    report_path = out.with_name(out.stem + ".quantkit_report.json")
-    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with atomic_file(out, overwrite, is_previous=_is_quantkit_gguf, reads=reads, notes=report.notes) as tmp:
+        gguf_export.write_gguf(tmp, checkpoint, tensors(), file_type=int(file_type))
+        _finish_report(report, started)
+        with atomic_file(gguf_report_path(out), True, is_previous=lambda _: True, reads=reads) as report_tmp:
+            report_tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def gguf_report_path(gguf_file: Path) -> Path:
+    """Where the report of a GGUF output lies: ``NAME.quantkit_report.json`` beside ``NAME.gguf``."""
+    return gguf_file.with_name(gguf_file.stem + ".quantkit_report.json")
+
+
+def _is_quantkit_gguf(path: Path) -> bool:
+    """A GGUF file quantkit wrote: GGUF magic, and its report beside it."""
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    return magic == b"GGUF" and gguf_report_path(path).is_file()
 
 
 def _finish_report(report: QuantReport, started: float) -> None:
@@ -441,12 +456,6 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     norm = torch.linalg.vector_norm(w)
     diff = torch.linalg.vector_norm(w - approx.to(torch.float64))
     return float(diff / norm) if norm > 0 else float(diff)
-
-
-def _check_finite(name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        file = checkpoint.tensors[name].file.name if name in checkpoint.tensors else "checkpoint"
-        raise QuantkitError(f"{name} in {file} contains NaN or Inf values")
 
 
 def _planned_bits(t: TensorPlan) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,7 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import (
+    EXIT_ENVIRONMENT_FAULT,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    QuantkitError,
+)
 
 app = typer.Typer(
     name="quantkit",
@@ -74,23 +81,57 @@ IgnoreOpt = Annotated[
     list[str] | None, typer.Option("--ignore", help="Keep tensors matching this pattern in float (repeatable).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+TrustRemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run Python code shipped in the model directory (auto_map).")
+]
 
 
 def user_errors(command: F) -> F:
-    """Turn expected failures into ``error: <one line>`` and exit code 2, never a traceback."""
+    """Turn expected failures into ``error: <one line>`` and a documented exit code, never a traceback.
+
+    2: bad input (:class:`QuantkitError`); 1: a fault of the machine (full disk, no permission, no
+    memory); 130: Ctrl-C; 143: SIGTERM. Output is atomic, so none of these leaves a partial output.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
         try:
             return command(*args, **kwargs)
         except QuantkitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _print_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            _print_error(f"{exc.strerror or exc}{where}")
+            raise typer.Exit(EXIT_ENVIRONMENT_FAULT) from None
+        except MemoryError:
+            _print_error("out of memory; free memory or use a machine with more (see docs/user-guide.md, memory use)")
+            raise typer.Exit(EXIT_ENVIRONMENT_FAULT) from None
+        except Terminated:
+            err_console.print("terminated; no partial output was left", highlight=False)
+            raise typer.Exit(EXIT_TERMINATED) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            err_console.print("interrupted; no partial output was left", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program stands so that atomic outputs clean up as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
 
 
 def build_recipe(
@@ -185,7 +226,9 @@ def quantize(
     ggml_type: TypeOpt = None,
     shared_experts_type: SharedTypeOpt = None,
     dense_ffn_type: DenseTypeOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it is a previous quantkit output (never anything else).")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard size, e.g. 2GB, 500MB.")] = "2GB",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the report).")] = 0,
     calibration: Annotated[
@@ -219,6 +262,7 @@ def quantize(
     max_memory: Annotated[
         str | None, typer.Option("--max-memory", help="GPTQ: memory for experts solved at once, e.g. 4GB.")
     ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize MODEL into quantized safetensors (compressed-tensors, GPTQ v1 or ggml blocks) or a GGUF file,
@@ -233,7 +277,7 @@ def quantize(
                  "block_size": block_size, "ggml_type": ggml_type}
     chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
     data = _gptq_data(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
-                      resolve_device(device))
+                      resolve_device(device), trust_remote_code)
     if out is None:
         suffix = ".gguf" if output_format == "gguf" else ""
         out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}{suffix}")
@@ -292,7 +336,10 @@ def calibrate(
         Path | None, typer.Option("--imatrix-out", help="Also write a llama.cpp imatrix GGUF here.")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous calibration directory (and --imatrix-out).")
+    ] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run calibration text through MODEL one layer at a time; write per-site, per-expert statistics."""
@@ -302,7 +349,7 @@ def calibrate(
     settings = CalibrationSettings(
         dataset=dataset, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
         text_field=text_field, split=split, all_experts=all_experts, min_expert_tokens=min_expert_tokens,
-        plot=tuple(plot or ()), device=resolve_device(device),
+        plot=tuple(plot or ()), device=resolve_device(device), trust_remote_code=trust_remote_code,
     )
     calibration = run_calibration(model, out, settings, imatrix_out=imatrix_out, overwrite=overwrite,
                                   command=["quantkit", *sys.argv[1:]], show_progress=not as_json,
@@ -315,7 +362,8 @@ def calibrate(
 
 
 def _gptq_data(calibration: Path | None, dataset: str | None, num_samples: int | None, seq_len: int | None,
-               text_field: str, all_experts: bool, min_expert_tokens: int | None, device: str):  # -> settings
+               text_field: str, all_experts: bool, min_expert_tokens: int | None, device: str,
+               trust_remote_code: bool):  # -> settings
     """GPTQ's calibration windows from the options, or None to let ``quantize`` take the calibration's/defaults."""
     from dataclasses import replace
 
@@ -326,12 +374,13 @@ def _gptq_data(calibration: Path | None, dataset: str | None, num_samples: int |
         defaults = CalibrationSettings()
         return CalibrationSettings(
             dataset=dataset, num_samples=num_samples or defaults.num_samples, seq_len=seq_len, text_field=text_field,
-            all_experts=all_experts, device=device,
+            all_experts=all_experts, device=device, trust_remote_code=trust_remote_code,
             min_expert_tokens=defaults.min_expert_tokens if min_expert_tokens is None else min_expert_tokens,
         )
-    if device == "cpu":
+    if device == "cpu" and not trust_remote_code:
         return None
-    base = settings_of(load_calibration(calibration)) if calibration is not None else CalibrationSettings()
+    base = (settings_of(load_calibration(calibration), trust_remote_code) if calibration is not None
+            else CalibrationSettings(trust_remote_code=trust_remote_code))
     return replace(base, device=device)
 
 
@@ -397,17 +446,18 @@ def eval_perplexity(
         str | None, typer.Option("--max-increase", help="Exit 1 if perplexity rises more than this, e.g. 2%.")
     ] = None,
     max_kl: Annotated[float | None, typer.Option("--max-kl", help="Exit 1 if KL(base||model) exceeds this.")] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of MODEL (default: the demo model) under a published protocol; exit 1 on regression."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from quantkit.eval.run import EvalSettings, check_regression, run_perplexity
+    from quantkit.eval.run import EvalSettings, check_regression, run_perplexity, save_results
 
     increase = parse_percent(max_increase) if max_increase is not None else None
     settings = EvalSettings(dataset=dataset, protocol=protocol, seq_len=seq_len, stride=stride,
                             max_windows=max_windows, batch_size=batch_size, text_field=text_field, split=split,
-                            dtype=dtype, device=resolve_device(device))
+                            dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("eval", total=None)
@@ -422,8 +472,7 @@ def eval_perplexity(
     result["gate"] = {"baseline": str(baseline) if baseline else None, "max_increase": increase,
                       "max_kl": max_kl, "passed": verdict is None}
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        save.write_text(json.dumps(result, indent=2) + "\n")
+        save_results(save, result)
     if as_json:
         console.print_json(json.dumps(result))
     else:

@@ -157,13 +157,15 @@ def _read_file(file: Path, text_field: str, purpose: Purpose) -> list[str]:
 
 
 def _read_jsonl(file: Path, text_field: str) -> list[str]:
-    text = file.read_text(encoding="utf-8")
     try:
+        text = file.read_bytes().decode("utf-8")
         if file.suffix == ".json" and text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise QuantkitError(f"{file} is not UTF-8 text: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise QuantkitError(f"invalid JSON in {file}: {exc}") from None
     records = []
     for i, row in enumerate(rows):
@@ -178,7 +180,12 @@ def _read_parquet(file: Path, text_field: str) -> list[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise QuantkitError("reading parquet needs pyarrow: pip install pyarrow") from None
-    table = pq.read_table(file)
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise QuantkitError(f"{file} is not a readable parquet file: {str(exc).strip().splitlines()[0]}") from None
     if text_field not in table.column_names:
         raise QuantkitError(f"{file} has no column {text_field!r} (set --text-field); columns: {table.column_names}")
     return [str(v) for v in table.column(text_field).to_pylist()]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quantkit.calib import imatrix
 from quantkit.calib.histogram import AbsHistogram
@@ -38,9 +38,10 @@ from quantkit.errors import QuantkitError
 from quantkit.jsonfile import read_json_object
 from quantkit.model.archs.base import ArchSpec
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.outputs import CALIBRATION_FILE, save_safetensors
 
 CALIBRATION_VERSION = 1
-METADATA_FILE = "calibration.json"
+METADATA_FILE = CALIBRATION_FILE
 STATS_FILE = "statistics.safetensors"
 PLOTS_DIR = "plots"
 
@@ -141,8 +142,8 @@ def save_calibration(calibration: Calibration, directory: Path) -> None:
             if hist.num_bins:
                 tensors[f"{name}.hist.{e}.counts"] = hist.counts.cpu()
                 tensors[f"{name}.hist.{e}.edges"] = hist.edges.cpu()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATS_FILE),
-              metadata={"format": "quantkit-calibration", "version": str(CALIBRATION_VERSION)})
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, directory / STATS_FILE,
+                     metadata={"format": "quantkit-calibration", "version": str(CALIBRATION_VERSION)})
     metadata = {
         "quantkit_calibration_version": CALIBRATION_VERSION,
         **calibration.metadata,

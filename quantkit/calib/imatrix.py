@@ -107,6 +107,16 @@ def write_imatrix_gguf(
         writer.write_tensors_to_file()
 
 
+def is_imatrix_gguf(path: Path) -> bool:
+    """Whether ``path`` is an imatrix GGUF (``general.type`` imatrix), i.e. one that may be replaced by a new one."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, TypeError):
+        return False
+    field = reader.get_field(gguf.Keys.General.TYPE)
+    return field is not None and field.contents() == IMATRIX_TYPE
+
+
 def _field(reader: gguf.GGUFReader, path: Path, key: str) -> object:
     field = reader.get_field(key)
     if field is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import resource
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from rich.console import Console
 
 from quantkit.calib.artifact import PLOTS_DIR, Calibration, save_calibration, starved_experts
 from quantkit.calib.data import DEFAULT_SOURCE, calibration_windows
+from quantkit.calib.imatrix import is_imatrix_gguf
 from quantkit.calib.observers import LayerTaps, SiteStats, Statistics
 from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
-from quantkit.formats.sharded import atomic_directory
 from quantkit.model.archs.base import QUANTIZABLE_ROLES
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.finite import check_all_finite
+from quantkit.outputs import atomic_directory, atomic_file
 from quantkit.pipeline import LayerPipeline
 from quantkit.progress import track
 
@@ -42,6 +45,7 @@ class CalibrationSettings:
     bins: int = 2048
     plot: tuple[str, ...] = ()  # site globs to plot besides the worst ones
     device: str = "cpu"
+    trust_remote_code: bool = False  # run a tokenizer's own Python code from the model directory
 
 
 def calibrate(
@@ -64,6 +68,7 @@ def calibrate(
     checkpoint = Checkpoint.open(model)
     if "quantization_config" in checkpoint.config:
         raise QuantkitError(f"{checkpoint.path} is already quantized; calibrate the float model")
+    check_all_finite(checkpoint, show_progress, console)
     pipeline = LayerPipeline(checkpoint, torch.float32, settings.device)
     windows = windows_for(checkpoint, settings)
     seq_len = int(windows.input_ids.shape[1])
@@ -101,27 +106,38 @@ def calibrate(
         "flagged_experts": starved_experts(stats, settings.min_expert_tokens),
         "command": command or [],
     })
-    with atomic_directory(Path(out), overwrite) as tmp:
+    reads: list[str | Path] = [checkpoint.path]
+    if settings.dataset and Path(settings.dataset).exists():
+        reads.append(settings.dataset)
+    notes: list[str] = []
+    with ExitStack() as outputs:  # both outputs are checked before either is written, and appear together
+        tmp = outputs.enter_context(atomic_directory(out, overwrite, reads=reads, notes=notes))
+        imatrix_tmp = None if imatrix_out is None else outputs.enter_context(
+            atomic_file(imatrix_out, overwrite, is_previous=is_imatrix_gguf, reads=reads, notes=notes))
         calibration.metadata["plots"] = _plots(stats, settings.plot, tmp)
         calibration.metadata["seconds"] = round(time.perf_counter() - started, 3)
         calibration.metadata["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         calibration.metadata["versions"] = _versions()
+        calibration.metadata["notes"] = notes
         save_calibration(calibration, tmp)
-    if imatrix_out is not None:
-        export_imatrix(calibration, checkpoint, Path(imatrix_out))
+        if imatrix_tmp is not None:
+            export_imatrix(calibration, checkpoint, imatrix_tmp)
     return calibration
 
 
 def windows_for(checkpoint: Checkpoint, settings: CalibrationSettings) -> Any:
     """The calibration windows ``settings`` describe, tokenized with ``checkpoint``'s tokenizer."""
-    from quantkit.eval.run import load_tokenizer
+    from quantkit.eval.run import check_token_ids, load_tokenizer
 
     seq_len = _check_seq_len(settings.seq_len, checkpoint.config)
-    return calibration_windows(settings.dataset, load_tokenizer(checkpoint.path), settings.num_samples, seq_len,
-                               settings.seed, settings.text_field, settings.split)
+    tokenizer = load_tokenizer(checkpoint.path, trust_remote_code=settings.trust_remote_code)
+    windows = calibration_windows(settings.dataset, tokenizer, settings.num_samples, seq_len, settings.seed,
+                                  settings.text_field, settings.split)
+    check_token_ids(windows.input_ids, checkpoint.config, checkpoint.path)
+    return windows
 
 
-def settings_of(calibration: Calibration) -> CalibrationSettings:
+def settings_of(calibration: Calibration, trust_remote_code: bool = False) -> CalibrationSettings:
     """The settings that reproduce ``calibration``'s windows (same data, samples, length, seed)."""
     meta = calibration.metadata
     dataset = meta["dataset"]
@@ -129,7 +145,7 @@ def settings_of(calibration: Calibration) -> CalibrationSettings:
         dataset=None if dataset == DEFAULT_SOURCE else dataset, num_samples=int(meta["num_samples"]),
         seq_len=int(meta["seq_len"]), seed=int(meta["seed"]), text_field=meta.get("text_field", "text"),
         split=meta.get("split"), all_experts=bool(meta["all_experts"]),
-        min_expert_tokens=int(meta["min_expert_tokens"]),
+        min_expert_tokens=int(meta["min_expert_tokens"]), trust_remote_code=trust_remote_code,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import EvalResult, evaluate
 from quantkit.eval.windows import make_windows
 from quantkit.jsonfile import read_json_object
-from quantkit.model.checkpoint import resolve_model_path
+from quantkit.model.checkpoint import Checkpoint, resolve_model_path
+from quantkit.outputs import atomic_file
 from quantkit.text_sources import load_text
 
 EVAL_VERSION = 1
@@ -34,36 +36,66 @@ class EvalSettings:
     split: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map)
 
     @property
     def window_len(self) -> int:
         return self.seq_len or DEFAULT_SEQ_LEN[self.protocol]
 
 
-def load_model(path: Path, dtype: torch.dtype, device: str) -> Any:
-    """A float model: quantkit's loader for its architectures (quantized or not), else transformers."""
+def load_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> Any:
+    """A float model: quantkit's loader for its architectures (quantized or not), else transformers.
+
+    Code in the model directory (``auto_map``) runs only with ``trust_remote_code``; never a prompt.
+    """
     import transformers
 
     from quantkit.formats.load import load_quantized
     from quantkit.model.archs import ARCHS
-    from quantkit.model.checkpoint import Checkpoint
 
     transformers.logging.set_verbosity_error()
     if Checkpoint(path).model_type in ARCHS:
         return load_quantized(path, dtype=dtype, device=device)
-    with contextlib.redirect_stderr(io.StringIO()):
-        model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers and code the user trusted raise anything; each is one line here
+        raise QuantkitError(_transformers_refusal(path, exc)) from None
     return model.to(device).eval()
 
 
-def load_tokenizer(*paths: Path) -> Any:
-    """The tokenizer of the first directory that has one."""
+def load_tokenizer(*paths: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of the first directory that has one (its own code only with ``trust_remote_code``)."""
     import transformers
 
     for path in paths:
         if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return transformers.AutoTokenizer.from_pretrained(path)
+            transformers.logging.set_verbosity_error()
+            try:
+                return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except Exception as exc:  # as in load_model
+                raise QuantkitError(_transformers_refusal(path, exc)) from None
     raise QuantkitError(f"no tokenizer files in {', '.join(map(str, paths))}")
+
+
+def check_token_ids(ids: torch.Tensor, config: dict[str, Any], model: Path) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that does not belong to the model)."""
+    vocab_size = config.get("vocab_size")
+    if ids.numel() and isinstance(vocab_size, int) and int(ids.max()) >= vocab_size:
+        raise QuantkitError(
+            f"the tokenizer in {model} yields token id {int(ids.max())}, but config.json's vocab_size is "
+            f"{vocab_size}: the tokenizer files do not belong to this model"
+        )
+
+
+def _transformers_refusal(path: Path, exc: Exception) -> str:
+    """One line for transformers' refusal to load ``path``."""
+    if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+        return (f"{path} needs Python code from the model directory (auto_map); quantkit runs none unless "
+                "you pass --trust-remote-code")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"transformers cannot load {path}: {type(exc).__name__}: {first}"
 
 
 def run_perplexity(
@@ -76,16 +108,19 @@ def run_perplexity(
     model_path = resolve_model_path(model)
     base_path = resolve_model_path(base) if base is not None else None
     dtype = _dtype(settings.dtype)
-    tokenizer = load_tokenizer(model_path, *([base_path] if base_path else []))
+    tokenizer = load_tokenizer(model_path, *([base_path] if base_path else []),
+                               trust_remote_code=settings.trust_remote_code)
     source = load_text(settings.dataset, settings.text_field, settings.split)
     ids = torch.tensor(tokenizer(source.text, verbose=False)["input_ids"], dtype=torch.long)
+    for path in (model_path, *([base_path] if base_path else [])):
+        check_token_ids(ids, Checkpoint(path).config, path)
     windows = make_windows(ids, settings.protocol, settings.window_len, settings.stride, tokenizer.bos_token_id)
     if settings.max_windows is not None:
         if settings.max_windows < 1:
             raise QuantkitError(f"--max-windows must be positive, got {settings.max_windows}")
         windows = windows[: settings.max_windows]
-    quantized = load_model(model_path, dtype, settings.device)
-    reference = load_model(base_path, dtype, settings.device) if base_path else None
+    quantized = load_model(model_path, dtype, settings.device, settings.trust_remote_code)
+    reference = load_model(base_path, dtype, settings.device, settings.trust_remote_code) if base_path else None
     if reference is not None and reference.config.vocab_size != quantized.config.vocab_size:
         raise QuantkitError("MODEL and --base have different vocabularies; they must share a tokenizer")
     if on_progress is not None:
@@ -151,6 +186,19 @@ def check_regression(
         return (f"regression: perplexity {result['ppl']:.4f} vs baseline {baseline['ppl']:.4f} "
                 f"(+{increase:.2%} > {max_increase:.2%})")
     return None
+
+
+def save_results(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``path`` atomically; an existing file is replaced only if it holds earlier results."""
+    with atomic_file(path, True, is_previous=_is_results_file) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _is_results_file(path: Path) -> bool:
+    try:
+        return "quantkit_eval_version" in json.loads(path.read_text())
+    except (ValueError, OSError, TypeError):
+        return False
 
 
 def _read_baseline(path: Path) -> dict[str, Any]:

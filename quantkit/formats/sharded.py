@@ -1,47 +1,19 @@
-"""Sharded safetensors output with the Hugging Face index layout, written atomically.
+"""Sharded safetensors output with the Hugging Face index layout.
 
-:func:`atomic_directory` builds the output in a hidden sibling directory and renames it into
-place only when everything succeeded; a crash or Ctrl-C leaves no directory that looks complete.
+The writer fills the temporary directory of :func:`quantkit.outputs.atomic_directory`, which renames it
+into place only when everything succeeded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import INDEX_FILE, SINGLE_FILE
-
-
-@contextmanager
-def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block exits without error."""
-    out = out.expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+from quantkit.outputs import save_safetensors
 
 
 class ShardedWriter:
@@ -70,7 +42,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        save_file(self._buffer, str(self._shard_path(len(self._shards))), metadata={"format": "pt"})
+        save_safetensors(self._buffer, self._shard_path(len(self._shards)), metadata={"format": "pt"})
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 

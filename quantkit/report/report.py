@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-REPORT_FILE = "quantkit_report.json"
+from quantkit.outputs import REPORT_FILE
+
 REPORT_VERSION = 1
 
 
