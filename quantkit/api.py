@@ -7,7 +7,7 @@ import resource
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,7 @@ from rich.console import Console
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
-from quantkit.formats import compressed_tensors, ggml_blocks, gptq_v1
-from quantkit.formats.sharded import ShardedWriter
+from quantkit.formats.output import DirectoryFormat, OutputFormat, TensorSink, WrittenWeights, resolve_output_format
 from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.model.archs.base import LINEAR_ROLES, Role
 from quantkit.model.checkpoint import Checkpoint
@@ -111,9 +110,10 @@ def quantize(
     ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
     static activations take their input scales from it. GPTQ runs on the windows ``data``
     describes, or else on the calibration's own windows (same data, samples, length and seed).
-    ``output_format`` is ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ methods only),
-    ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto``
-    picks ``ggml`` for k-quants, else ``compressed-tensors``. k-quants with ``calibration`` use its
+    ``output_format`` names a registered format (``quantkit.formats.output.OUTPUT_FORMATS``): built in are
+    ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ methods only), ``ggml`` (k-quant blocks in
+    safetensors) and ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks ``ggml`` for k-quants, else
+    ``compressed-tensors``. k-quants with ``calibration`` use its
     per-channel importance (per expert). ``max_memory`` (bytes) bounds how many experts GPTQ solves
     at once. ``shared_experts_type``/``dense_ffn_type`` refine a k-quant preset.
     """
@@ -122,7 +122,7 @@ def quantize(
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
     plan = make_plan(checkpoint, recipe, shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
-    output_format = _output_format(output_format, plan)
+    fmt = resolve_output_format(output_format, plan)
     calib = _load_calibration(calibration, checkpoint, plan)
     report = QuantReport(
         model=str(checkpoint.path),
@@ -141,15 +141,12 @@ def quantize(
         report.notes.append(
             f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"
         )
-    assignments: dict[str, SchemeConfig] = {}
-    float_modules: list[str] = []
+    written = WrittenWeights()
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, data, calib)
-    encode = _encoder(output_format, plan)
     reads = [checkpoint.path, *([calibration] if calibration is not None else [])]
-    if output_format == "gguf":
-        return _quantize_to_gguf(plan, calib, out, overwrite, reads, report, started, show_progress, console)
-    block_weights: dict[str, tuple[str, tuple[int, int]]] = {}
+    if not isinstance(fmt, DirectoryFormat):
+        return _quantize_to_file(fmt, plan, calib, out, overwrite, reads, report, started, show_progress, console)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if item.scheme is not None and item.scheme.activations == "static":
@@ -158,25 +155,25 @@ def quantize(
         report.tensors.append(record)
         if item.scheme is not None and item.scheme.method == "kquant":
             assert item.scheme.ggml_type is not None
-            block_weights[item.module] = (item.scheme.ggml_type, (item.shape[0], item.shape[1]))
+            written.blocks[item.module] = (item.scheme.ggml_type, (item.shape[0], item.shape[1]))
         elif item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
-            assignments[item.module] = item.scheme
+            written.integer[item.module] = item.scheme
         elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
-            float_modules.append(item.module)
+            written.float_linears.append(item.module)
 
     if gptq_data is not None:
         check_all_finite(checkpoint, show_progress, console)
     with atomic_directory(out, overwrite, reads=reads, notes=report.notes) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
+        writer = fmt.open(tmp, max_shard_bytes)
         if gptq_data is not None:
-            scale_dtype = torch.float16 if output_format == "gptq-v1" else None  # v1 stores fp16 scales
-            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, scale_dtype, max_memory, show_progress, console)
+            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, max_memory, show_progress,
+                                  console)
             for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
                 for result in layer.weights:
                     item = hessian_items[result.name]
-                    record = _write_tensor(item, result.original, writer, encode, result.quantized)
+                    record = _write_tensor(item, result.original, writer, fmt, result.quantized)
                     record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
                                    "tokens": result.tokens, "fallback": result.fallback}
                     finish(item, result.original, record)
@@ -194,20 +191,13 @@ def quantize(
                 weight = views[item.name]
                 check_finite(item.name, weight, checkpoint)
                 importance, tokens = _importance(item, calib, plan)
-                record = _write_tensor(item, weight, writer, encode, importance=importance)
+                record = _write_tensor(item, weight, writer, fmt, importance=importance)
                 record.type_rule, record.importance_tokens = plan.type_rules.get(item.name), tokens
                 finish(item, weight, record)
             del tensor, views
         writer.finish()
         config = dict(checkpoint.config)
-        if assignments and output_format == "gptq-v1":
-            config["quantization_config"] = gptq_v1.quantization_config(assignments, float_modules)
-            quantize_config = gptq_v1.quantize_config_json(config["quantization_config"])
-            (tmp / gptq_v1.QUANTIZE_CONFIG_FILE).write_text(json.dumps(quantize_config, indent=2) + "\n")
-        elif assignments:
-            config["quantization_config"] = compressed_tensors.quantization_config(assignments, float_modules)
-        elif block_weights:
-            config["quantization_config"] = ggml_blocks.quantization_config(block_weights)
+        fmt.finish(tmp, config, written)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in checkpoint.other_files():
             shutil.copy2(file, tmp / file.name)
@@ -216,9 +206,15 @@ def quantize(
     return report
 
 
-def _quantize_to_gguf(plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool, reads: list[Any],
-                      report: QuantReport, started: float, show_progress: bool, console: Console | None) -> QuantReport:
-    """Write the plan as one llama.cpp GGUF file at ``out`` (atomically) and its report beside it."""
+def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool,
+                      reads: list[Any], report: QuantReport, started: float, show_progress: bool,
+                      console: Console | None) -> QuantReport:
+    """Write the plan as one file at ``out`` (atomically) and its report beside it: a GGUF file for llama.cpp.
+
+    The single-file path still walks the checkpoint by GGUF tensor (experts merged) on its own; making it
+    consume the plan's per-tensor walk like the directory formats is issue 14's next step.
+    """
+    assert fmt.name == "gguf", f"no single-file writer for {fmt.name}"
     import gguf
     import numpy as np
 
@@ -331,7 +327,7 @@ def _load_calibration(path: str | Path | None, checkpoint: Checkpoint, plan: Qua
 
 
 def _write_input_scale(item: TensorPlan, weight: torch.Tensor, calib: Calibration, plan: QuantPlan,
-                       writer: ShardedWriter, record: TensorRecord) -> None:
+                       writer: TensorSink, record: TensorRecord) -> None:
     """The static INT8 ``input_scale`` of one quantized linear, from its calibrated range."""
     assert item.scheme is not None
     amax, tokens, fallback = calib.input_amax(plan.arch, item.name, item.scheme.activation_range,
@@ -356,36 +352,6 @@ def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
     return settings_of(calib) if calib is not None else CalibrationSettings()
 
 
-OUTPUT_FORMATS = ("compressed-tensors", "gptq-v1", "ggml", "gguf")
-
-
-def _output_format(requested: str, plan: QuantPlan) -> str:
-    """The concrete output format (``auto`` resolved), checked against the plan's schemes."""
-    kquant = any(t.scheme is not None and t.scheme.method == "kquant" for t in plan.tensors)
-    if requested == "auto":
-        return "ggml" if kquant else "compressed-tensors"
-    if requested not in OUTPUT_FORMATS:
-        raise QuantkitError(f"--format must be auto or one of {', '.join(OUTPUT_FORMATS)}, got {requested!r}")
-    if kquant and requested not in ("ggml", "gguf"):
-        raise QuantkitError(f"k-quant weights are written as --format ggml or gguf, not {requested}")
-    if not kquant and requested in ("ggml", "gguf"):
-        raise QuantkitError(f"--format {requested} holds k-quant weights: use --method kquant")
-    return requested
-
-
-def _encoder(output_format: str, plan: QuantPlan) -> Callable[[str, IntQuantized], dict[str, torch.Tensor]]:
-    """The integer-tensor encoder of ``output_format``, after checking that every scheme can be written in it."""
-    if output_format != "gptq-v1":
-        return compressed_tensors.encode
-    for item in plan.tensors:
-        if item.scheme is None or not SCHEMES.get(item.scheme.method).integer:
-            continue
-        if item.scheme.method != "gptq" or item.scheme.activations != "none":
-            raise QuantkitError(f"--format gptq-v1 holds GPTQ weights only; {item.name} is {item.scheme.describe()}")
-        gptq_v1.check_shape(item.name, item.shape, item.scheme.bits)
-    return gptq_v1.encode
-
-
 def _gptq_layers(
     checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings, scale_dtype: torch.dtype | None,
     max_memory: int | None, show_progress: bool, console: Console | None,
@@ -403,8 +369,7 @@ def _gptq_layers(
         ))
 
 
-def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
-                  encode: Callable[[str, IntQuantized], dict[str, torch.Tensor]],
+def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fmt: DirectoryFormat,
                   quantized: Quantized | None = None, importance: torch.Tensor | None = None) -> TensorRecord:
     """Quantize (or copy) one weight into ``writer`` and describe what was done; ``quantized``: done already."""
     bytes_before = weight.numel() * item.dtype.itemsize
@@ -416,12 +381,7 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: ShardedWriter,
                             bytes_before, bytes_before, None)
     if quantized is None:
         quantized = SCHEMES.get(scheme.method).quantize(weight, scheme, importance)
-    if isinstance(quantized, IntQuantized):
-        tensors = encode(item.module, quantized)
-    elif isinstance(quantized, BlockQuantized):
-        tensors = ggml_blocks.encode(item.module, quantized)
-    else:
-        tensors = {item.name: quantized.tensor}
+    tensors = fmt.tensors(item.module, item.name, quantized)
     for name, tensor in tensors.items():
         writer.add(name, tensor)
     bytes_after = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -135,7 +135,7 @@ def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: 
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--format", "gguf9"], "--format must be auto or one of compressed-tensors, gptq-v1, ggml, gguf"),
+    (["--format", "gguf9"], "--format must be auto or one of compressed-tensors, ggml, gguf, gptq-v1"),
     (["--max-memory", "lots"], "invalid size"),
     (["--damp", "2"], "damp must be in (0, 1)"),
     (["--block-size", "0"], "block size must be positive"),

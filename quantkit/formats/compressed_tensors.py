@@ -32,13 +32,18 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.formats.packing import pack_int32, unpack_int32
-from quantkit.schemes.base import ACTIVATION_BITS, IntQuantized, SchemeConfig, dequantize_codes
+from quantkit.schemes.base import ACTIVATION_BITS, IntQuantized, Quantized, SchemeConfig, dequantize_codes
+
+if TYPE_CHECKING:
+    from quantkit.plan import QuantPlan
 
 FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
@@ -233,3 +238,23 @@ def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]], kind: 
         if any(not t.startswith("re:") for t in targets):
             return dict(group.get(kind) or {})
     raise QuantkitError(f"no quantization_config group targets {module}")
+
+
+class CompressedTensorsFormat(DirectoryFormat):
+    """compressed-tensors ``pack-quantized``, which plain transformers and vLLM load."""
+
+    name = "compressed-tensors"
+
+    def check(self, plan: QuantPlan) -> None:
+        refuse_kquants(plan, self.name)
+
+    def encode(self, module: str, quantized: Quantized) -> dict[str, torch.Tensor]:
+        assert isinstance(quantized, IntQuantized), "check() admits integer schemes and casts only"
+        return encode(module, quantized)
+
+    def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
+        if written.integer:
+            config["quantization_config"] = quantization_config(written.integer, written.float_linears)
+
+
+OUTPUT_FORMATS.add(CompressedTensorsFormat.name, CompressedTensorsFormat())

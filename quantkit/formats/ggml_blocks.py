@@ -14,15 +14,20 @@ Tensors the preset keeps in float stay under their own names in their own dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_integer_schemes
 from quantkit.kquants import BLOCK_FORMATS, decode
-from quantkit.schemes.base import BlockQuantized
+from quantkit.schemes.base import BlockQuantized, Quantized
+
+if TYPE_CHECKING:
+    from quantkit.plan import QuantPlan
 
 QUANT_METHOD = "quantkit-ggml"
 FORMAT_VERSION = 1
@@ -61,3 +66,23 @@ def decode_weight(module: str, blocks: torch.Tensor, quant_config: dict[str, Any
             f"{module}.{SUFFIX}: {blocks.dtype} {list(blocks.shape)} does not hold {entry['type']} {entry['shape']}"
         )
     return torch.from_numpy(decode(entry["type"], blocks.numpy(), in_features))
+
+
+class GgmlBlocksFormat(DirectoryFormat):
+    """ggml blocks in safetensors (``<module>.weight_blocks``), which ``quantkit eval`` and the loader read."""
+
+    name = "ggml"
+
+    def check(self, plan: QuantPlan) -> None:
+        refuse_integer_schemes(plan, self.name)
+
+    def encode(self, module: str, quantized: Quantized) -> dict[str, torch.Tensor]:
+        assert isinstance(quantized, BlockQuantized), "check() admits k-quants and casts only"
+        return encode(module, quantized)
+
+    def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
+        if written.blocks:
+            config["quantization_config"] = quantization_config(written.blocks)
+
+
+OUTPUT_FORMATS.add(GgmlBlocksFormat.name, GgmlBlocksFormat())

@@ -7,8 +7,14 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
+
+from quantkit.formats.output import OUTPUT_FORMATS, OutputFormat, refuse_integer_schemes
+
+if TYPE_CHECKING:
+    from quantkit.plan import QuantPlan
 
 
 @contextmanager
@@ -27,3 +33,15 @@ def atomic_gguf(path: Path, make_writer: Callable[[Path], gguf.GGUFWriter]) -> I
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+class GgufFormat(OutputFormat):
+    """One llama.cpp GGUF file at ``--out`` (k-quants and float weights), with the report beside it."""
+
+    name = "gguf"
+
+    def check(self, plan: QuantPlan) -> None:
+        refuse_integer_schemes(plan, self.name)
+
+
+OUTPUT_FORMATS.add(GgufFormat.name, GgufFormat())

@@ -39,9 +39,11 @@ Restrictions (``check_shape`` and ``encode`` raise a one-line error):
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,8 +56,13 @@ from quantkit.formats.compressed_tensors import (
     is_symmetric,
     validate_g_idx,
 )
+from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.formats.packing import pack_int32, unpack_int32
-from quantkit.schemes.base import IntQuantized, SchemeConfig, dequantize_codes
+from quantkit.schemes import SCHEMES
+from quantkit.schemes.base import IntQuantized, Quantized, SchemeConfig, dequantize_codes
+
+if TYPE_CHECKING:
+    from quantkit.plan import QuantPlan
 
 QUANT_METHOD = "gptq"
 CHECKPOINT_FORMAT = "gptq"
@@ -240,3 +247,34 @@ def module_args(quant_config: dict[str, Any], module: str) -> dict[str, Any] | N
 def checkpoint_format(quant_config: dict[str, Any]) -> str:
     """The checkpoint format a GPTQ config declares (``checkpoint_format``, else ``format``; default v1)."""
     return str(quant_config.get("checkpoint_format") or quant_config.get("format") or CHECKPOINT_FORMAT).lower()
+
+
+class GptqV1Format(DirectoryFormat):
+    """GPTQ v1 (``qweight``/``qzeros``/``scales``/``g_idx``) for GPTQModel, vLLM and ExLlama; GPTQ weights only."""
+
+    name = "gptq-v1"
+    scale_dtype = torch.float16  # v1 stores fp16 scales: GPTQ solves against the rounded ones
+
+    def check(self, plan: QuantPlan) -> None:
+        refuse_kquants(plan, self.name)
+        for item in plan.tensors:
+            if item.scheme is None or not SCHEMES.get(item.scheme.method).integer:
+                continue
+            if item.scheme.method != "gptq" or item.scheme.activations != "none":
+                raise QuantkitError(f"--format gptq-v1 holds GPTQ weights only; {item.name} is "
+                                    f"{item.scheme.describe()}")
+            check_shape(item.name, item.shape, item.scheme.bits)
+
+    def encode(self, module: str, quantized: Quantized) -> dict[str, torch.Tensor]:
+        assert isinstance(quantized, IntQuantized), "check() admits GPTQ weights and casts only"
+        return encode(module, quantized)
+
+    def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
+        if not written.integer:
+            return
+        config["quantization_config"] = quantization_config(written.integer, written.float_linears)
+        side_file = json.dumps(quantize_config_json(config["quantization_config"]), indent=2) + "\n"
+        (directory / QUANTIZE_CONFIG_FILE).write_text(side_file)
+
+
+OUTPUT_FORMATS.add(GptqV1Format.name, GptqV1Format())
