@@ -36,11 +36,10 @@ __all__ = ["CalibrationSettings", "calibrate", "expert_coverage", "inspect", "qu
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
 
 
-def inspect(model: str | Path | None, recipe: Recipe, *, shared_experts_type: str | None = None,
-            dense_ffn_type: str | None = None) -> dict[str, Any]:
+def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
     """Architecture, parameters by role, expert coverage and what ``recipe`` would do."""
     checkpoint = Checkpoint.open(model)
-    plan = make_plan(checkpoint, recipe, shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
+    plan = make_plan(checkpoint, recipe)
     params: dict[str, int] = defaultdict(int)
     actions: dict[str, dict[str, Any]] = {}
     for t in plan.tensors:
@@ -99,8 +98,6 @@ def quantize(
     data: CalibrationSettings | None = None,
     output_format: str = "auto",
     max_memory: int | None = None,
-    shared_experts_type: str | None = None,
-    dense_ffn_type: str | None = None,
     command: list[str] | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -115,13 +112,13 @@ def quantize(
     safetensors) and ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks ``ggml`` for k-quants, else
     ``compressed-tensors``. k-quants with ``calibration`` use its
     per-channel importance (per expert). ``max_memory`` (bytes) bounds how many experts GPTQ solves
-    at once. ``shared_experts_type``/``dense_ffn_type`` refine a k-quant preset.
+    at once.
     """
     started = time.perf_counter()
     out = Path(out)
     torch.manual_seed(seed)
     checkpoint = Checkpoint.open(model)
-    plan = make_plan(checkpoint, recipe, shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
+    plan = make_plan(checkpoint, recipe)
     fmt = resolve_output_format(output_format, plan)
     calib = _load_calibration(calibration, checkpoint, plan)
     report = QuantReport(

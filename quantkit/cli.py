@@ -140,8 +140,11 @@ def build_recipe(
     overrides: dict[str, Any],
     shared_experts_bits: int | None,
     ignore: list[str] | None,
+    shared_experts_type: str | None = None,
+    dense_ffn_type: str | None = None,
 ):  # -> Recipe (imported lazily to keep --help fast)
-    """The recipe from a file or preset, with command-line scheme ``overrides`` (None = unset) applied."""
+    """The recipe from a file or preset, with command-line scheme ``overrides`` (None = unset) and rules applied."""
+    from quantkit.model.archs.base import Role
     from quantkit.recipe import DEFAULT_PRESET, get_preset, load_recipe
 
     if preset and recipe_file:
@@ -151,6 +154,10 @@ def build_recipe(
         recipe = recipe.with_default(**overrides)
     if shared_experts_bits is not None:
         recipe = recipe.with_rule(["role:shared_expert"], bits=shared_experts_bits)
+    if shared_experts_type is not None:
+        recipe = recipe.with_kquant_type(Role.SHARED_EXPERT, shared_experts_type, "--shared-experts-type")
+    if dense_ffn_type is not None:
+        recipe = recipe.with_kquant_type(Role.DENSE_MLP, dense_ffn_type, "--dense-ffn-type")
     if ignore:
         recipe = recipe.with_ignore(ignore)
     return recipe
@@ -179,8 +186,8 @@ def inspect(
 
     overrides = {"method": method, "bits": bits, "group_size": group_size, "granularity": granularity,
                  "range": range_mode, "ggml_type": ggml_type}
-    info = api.inspect(model, build_recipe(preset, recipe, overrides, shared_experts_bits, ignore),
-                       shared_experts_type=shared_experts_type, dense_ffn_type=dense_ffn_type)
+    info = api.inspect(model, build_recipe(preset, recipe, overrides, shared_experts_bits, ignore,
+                                           shared_experts_type, dense_ffn_type))
     if as_json:
         console.print_json(json.dumps(info))
         return
@@ -275,7 +282,7 @@ def quantize(
                  "activation_range": range_method, "act_order": act_order or None,
                  "static_groups": static_groups or None, "symmetric": sym or None, "damp": damp,
                  "block_size": block_size, "ggml_type": ggml_type}
-    chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore)
+    chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore, shared_experts_type, dense_ffn_type)
     data = _gptq_data(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
                       resolve_device(device), trust_remote_code)
     if out is None:
@@ -292,8 +299,6 @@ def quantize(
         data=data,
         output_format=output_format,
         max_memory=parse_size(max_memory) if max_memory is not None else None,
-        shared_experts_type=shared_experts_type,
-        dense_ffn_type=dense_ffn_type,
         command=["quantkit", *sys.argv[1:]],
         show_progress=not as_json,
         console=err_console,

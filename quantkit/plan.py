@@ -51,12 +51,11 @@ class QuantPlan:
         return [t for s in self.sources for t in s.outputs]
 
 
-def make_plan(checkpoint: Checkpoint, recipe: Recipe, *, shared_experts_type: str | None = None,
-              dense_ffn_type: str | None = None) -> QuantPlan:
+def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
     """Resolve the recipe for every tensor and validate the checkpoint against its config.
 
-    k-quant tensors get their block type here (a preset's rules, refined by ``shared_experts_type``
-    and ``dense_ffn_type``, see :mod:`quantkit.kquants.assign`).
+    k-quant tensors get their block type here (a preset's rules, or a ``ggml_type`` the recipe's rules
+    give, see :mod:`quantkit.kquants.assign`).
     """
     if "quantization_config" in checkpoint.config:
         raise QuantkitError(f"{checkpoint.path} is already quantized; use its float original instead")
@@ -90,8 +89,7 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe, *, shared_experts_type: st
         ]
     from quantkit.kquants.assign import resolve_kquant_types  # it builds on this module
 
-    return resolve_kquant_types(QuantPlan(checkpoint, arch, recipe, sources, unexpected), shared_experts_type,
-                                dense_ffn_type)
+    return resolve_kquant_types(QuantPlan(checkpoint, arch, recipe, sources, unexpected))
 
 
 def natural_key(name: str) -> list[tuple[int, int, str]]:

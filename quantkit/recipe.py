@@ -31,6 +31,7 @@ import regex
 import yaml
 
 from quantkit.errors import QuantkitError
+from quantkit.kquants.presets import OVERRIDE_TYPES
 from quantkit.model.archs.base import QUANTIZABLE_ROLES, Role
 from quantkit.recipe_schema import (
     MAX_DEPTH,
@@ -95,6 +96,24 @@ class Recipe:
         check_rule({"match": list(rule.patterns), **rule.changes}, "command-line rule")
         _check_rule_scheme(rule, self.default, "command-line rule")
         return Recipe(self.default, (rule, *self.rules), self.ignore, self.name, self.version)
+
+    def with_kquant_type(self, role: Role, type_name: str, option: str) -> Recipe:
+        """A first rule giving every tensor of ``role`` the ggml type ``type_name`` (``F16``: a float16 cast).
+
+        This is what ``--shared-experts-type`` and ``--dense-ffn-type`` add: they override a preset's choice
+        exactly, and the row fallback still applies.
+        """
+        if self.default.method != "kquant":
+            raise QuantkitError(f"{option} applies to --method kquant only")
+        if type_name not in OVERRIDE_TYPES:
+            supported = ", ".join(OVERRIDE_TYPES)
+            raise QuantkitError(f"unknown tensor type {type_name!r} for {option}; supported: {supported}")
+        changes = {"method": "fp16"} if type_name == "F16" else {"ggml_type": type_name}
+        return self.with_rule([f"role:{role.value}"], **changes)
+
+    def rule_for(self, name: str, role: Role) -> Rule | None:
+        """The rule that decides tensor ``name``'s scheme (the first that matches), if any."""
+        return next((rule for rule in self.rules if rule.matches(name, role)), None)
 
     def with_ignore(self, patterns: list[str]) -> Recipe:
         """The recipe with more ``ignore`` patterns (the CLI's --ignore), checked like a file's."""

@@ -334,27 +334,6 @@ def test_deepseek_q4_k_m() -> None:
     assert got["blk.1.exp_probs_b.bias"].rule == "1-D: never quantized"
 
 
-def test_shared_experts_and_dense_ffn_overrides() -> None:
-    specs = deepseek_v2_lite()
-    got = assign_types("Q4_K_M", specs, n_layers=8, n_experts=64, n_head=16, n_head_kv=16,
-                       shared_experts_type="Q8_0", dense_ffn_type="Q5_K")
-    expected = expect_deepseek(MORE_BITS_8)
-    for i in range(1, 8):
-        for proj in ("gate", "up", "down"):
-            expected[f"blk.{i}.ffn_{proj}_shexp.weight"] = "Q8_0"
-    # dense FFN rows: gate/up 2048 fit Q5_K; down's 10944 falls back from Q5_K to Q8_0 (not llama.cpp's Q5_1)
-    expected |= {"blk.0.ffn_gate.weight": "Q5_K", "blk.0.ffn_up.weight": "Q5_K", "blk.0.ffn_down.weight": "Q8_0"}
-    assert types(got) == expected
-    assert got["blk.2.ffn_up_shexp.weight"].rule == "shared expert: shared_experts_type Q8_0"
-    assert got["blk.0.ffn_down.weight"].fallback_from == "Q5_K"
-    # an override may also lower the type, exactly as asked; F16 never falls back
-    low = assign_types("Q6_K", specs, n_layers=8, n_experts=64, n_head=16, n_head_kv=16,
-                       shared_experts_type="Q2_K", dense_ffn_type="F16")
-    assert low["blk.5.ffn_down_shexp.weight"].type == "Q2_K"
-    assert low["blk.0.ffn_down.weight"].type == "F16"
-    assert low["blk.5.ffn_down_exps.weight"].type == "Q8_0"  # Q6_K's own fallback for 1408-wide rows
-
-
 def test_fallback_for_128_wide_rows() -> None:
     specs = llama(32, hidden=128, kv=128, ffn=384)
     got = assign_types("Q4_K_M", specs, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)
@@ -435,10 +414,6 @@ def test_unknown_names_are_one_line_errors() -> None:
     with pytest.raises(QuantkitError, match=r"unknown k-quant preset 'Q4_K_X'; supported: .*Q4_K_M") as err:
         assign_types("Q4_K_X", [], n_layers=1, n_experts=0, n_head=1, n_head_kv=1)
     assert "\n" not in str(err.value)
-    with pytest.raises(QuantkitError, match=r"'IQ4_NL' for shared_experts_type; supported: Q2_K, .*F16"):
-        assign_types("Q4_K_M", [], n_layers=1, n_experts=0, n_head=1, n_head_kv=1, shared_experts_type="IQ4_NL")
-    with pytest.raises(QuantkitError, match=r"'q8_0' for dense_ffn_type"):
-        assign_types("Q4_K_M", [], n_layers=1, n_experts=0, n_head=1, n_head_kv=1, dense_ffn_type="q8_0")
     with pytest.raises(QuantkitError, match="unknown k-quant preset"):
         preset_rules("Q4_K")
 

@@ -18,7 +18,10 @@ from quantkit.cli import app
 from quantkit.formats.load import load_quantized
 from quantkit.kquants import decode, encode
 from quantkit.model.archs import get_arch
+from quantkit.model.archs.base import Role
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.plan import make_plan
+from quantkit.recipe import get_preset
 from tests.conftest import copy_tokenizer, save_model
 
 runner = CliRunner()
@@ -130,8 +133,9 @@ def test_importance_comes_from_calibration_per_expert(wide_model: Path, wide_cal
     (["--method", "kquant", "--type", "Q7_K"], ["unknown ggml block type 'Q7_K'"]),
     (["--preset", "Q4_K_X"], ["unknown preset 'Q4_K_X'", "Q4_K_M"]),
     (["--preset", "Q4_K_M", "--format", "compressed-tensors"], ["--format ggml or gguf"]),
-    (["--method", "kquant", "--type", "Q4_K", "--shared-experts-type", "Q8_0"], ["add --preset"]),
-    (["--preset", "Q4_K_M", "--shared-experts-type", "Q9_K"], ["Q9_K"]),
+    (["--method", "absmax", "--shared-experts-type", "Q8_0"], ["--shared-experts-type applies to --method kquant"]),
+    (["--preset", "Q4_K_M", "--shared-experts-type", "Q9_K"], ["'Q9_K' for --shared-experts-type; supported: Q2_K"]),
+    (["--preset", "Q4_K_M", "--dense-ffn-type", "q8_0"], ["'q8_0' for --dense-ffn-type"]),
     (["--method", "absmax", "--format", "gguf"], ["use --method kquant"]),
 ])
 def test_kquant_errors_are_one_line(wide_model: Path, tmp_path: Path, extra: list[str],
@@ -198,3 +202,26 @@ def test_importance_lowers_the_weighted_error_of_every_tensor(wide_model: Path, 
             plain = decode(type_name, encode(type_name, w), w.shape[1])
             weighted = decode(type_name, encode(type_name, w, imp), w.shape[1])
             assert ((weighted - w) ** 2 * imp).sum() < ((plain - w) ** 2 * imp).sum(), (type_name, name)
+
+
+def test_shared_expert_and_dense_ffn_types_are_recipe_rules(wide_model: Path) -> None:
+    """--shared-experts-type/--dense-ffn-type override the preset exactly (up or down, F16 too); the rest keeps it."""
+    checkpoint = Checkpoint.open(wide_model)
+    recipe = (get_preset("Q4_K_M").with_kquant_type(Role.SHARED_EXPERT, "Q8_0", "--shared-experts-type")
+              .with_kquant_type(Role.DENSE_MLP, "Q5_K", "--dense-ffn-type"))
+    plan = make_plan(checkpoint, recipe)
+    preset_only = {t.name: t.scheme for t in make_plan(checkpoint, get_preset("Q4_K_M")).tensors}
+    schemes = {t.name: t.scheme for t in plan.tensors}
+    for proj in ("gate", "up", "down"):
+        assert schemes[f"model.layers.1.mlp.shared_experts.{proj}_proj.weight"].ggml_type == "Q8_0"
+        assert schemes[f"model.layers.0.mlp.{proj}_proj.weight"].ggml_type == "Q5_K"
+    assert plan.type_rules["model.layers.1.mlp.shared_experts.up_proj.weight"] == "rule role:shared_expert"
+    assert plan.type_rules["model.layers.0.mlp.down_proj.weight"] == "rule role:dense_mlp"
+    for name, scheme in schemes.items():
+        if ".shared_experts." not in name and not name.startswith("model.layers.0.mlp."):
+            assert scheme == preset_only[name], name
+    low = make_plan(checkpoint, get_preset("Q6_K").with_kquant_type(Role.SHARED_EXPERT, "Q2_K", "--shared-experts-type")
+                    .with_kquant_type(Role.DENSE_MLP, "F16", "--dense-ffn-type"))
+    lowered = {t.name: t.scheme for t in low.tensors}
+    assert lowered["model.layers.1.mlp.shared_experts.down_proj.weight"].ggml_type == "Q2_K"
+    assert lowered["model.layers.0.mlp.down_proj.weight"].method == "fp16"  # F16 never falls back

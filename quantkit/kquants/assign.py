@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import replace
 
-from quantkit.errors import QuantkitError
 from quantkit.formats.gguf_names import gguf_name
 from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallback_type
 from quantkit.model.archs.base import Role
@@ -22,21 +21,16 @@ from quantkit.schemes import SchemeConfig
 PRESET_EXTRA_ROLES = (Role.EMBEDDING, Role.LM_HEAD)  # llama.cpp's presets quantize these too
 
 
-def resolve_kquant_types(plan: QuantPlan, shared_experts_type: str | None = None,
-                         dense_ffn_type: str | None = None) -> QuantPlan:
+def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
     """``plan`` with a concrete ``ggml_type`` on every kquant tensor (or a float scheme where rules say so)."""
     default = plan.recipe.default
     kquant = [t for t in plan.tensors if t.scheme is not None and t.scheme.method == "kquant"]
     if not kquant and default.method != "kquant":
-        if shared_experts_type or dense_ffn_type:
-            raise QuantkitError("--shared-experts-type and --dense-ffn-type apply to --method kquant only")
         return plan
     preset = default.kquant_preset
     assignments: dict[str, Assignment] = {}
     if preset is not None:
-        assignments = _preset_assignments(plan, preset, shared_experts_type, dense_ffn_type)
-    elif shared_experts_type or dense_ffn_type:
-        raise QuantkitError("--shared-experts-type and --dense-ffn-type refine a preset: add --preset, e.g. Q4_K_M")
+        assignments = _preset_assignments(plan, preset)
     resolved: dict[str, tuple[SchemeConfig | None, str]] = {}
     for item in plan.tensors:
         scheme = item.scheme
@@ -46,7 +40,10 @@ def resolve_kquant_types(plan: QuantPlan, shared_experts_type: str | None = None
             continue
         base = scheme if scheme is not None else default
         if base.ggml_type is not None:  # an explicit type (--type or a recipe rule): only the row fallback applies
-            assignment = fallback_type(base.ggml_type, item.shape[-1]) or Assignment(base.ggml_type, "--type")
+            rule = plan.recipe.rule_for(item.name, item.role)
+            by_rule = f"rule {', '.join(rule.patterns)}" if rule is not None and "ggml_type" in rule.changes else None
+            assignment = (fallback_type(base.ggml_type, item.shape[-1], by_rule)
+                          or Assignment(base.ggml_type, by_rule or "--type"))
         else:
             assignment = assignments[item.name]
         resolved[item.name] = (_scheme_of(base, assignment.type), assignment.rule)
@@ -73,8 +70,7 @@ def _ignored(plan: QuantPlan, item: TensorPlan) -> bool:
     return any(pattern_matches(p, item.name, item.role) for p in plan.recipe.ignore)
 
 
-def _preset_assignments(plan: QuantPlan, preset: str, shared_experts_type: str | None,
-                        dense_ffn_type: str | None) -> dict[str, Assignment]:
+def _preset_assignments(plan: QuantPlan, preset: str) -> dict[str, Assignment]:
     """The preset's assignment of every planned tensor with a GGUF name, keyed by Hugging Face name."""
     config = plan.checkpoint.config
     n_layers = plan.arch.num_layers(config)
@@ -92,7 +88,6 @@ def _preset_assignments(plan: QuantPlan, preset: str, shared_experts_type: str |
     n_head = int(config.get("num_attention_heads", 1))
     types = assign_types(
         preset, specs, n_layers=n_layers, n_experts=plan.arch.num_experts(config) or 0, n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head), shared_experts_type=shared_experts_type,
-        dense_ffn_type=dense_ffn_type,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
     )
     return {item.name: types[name] for name, items in by_gguf.items() for item in items}

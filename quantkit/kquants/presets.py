@@ -20,10 +20,12 @@ which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. Differences from
   Q5_0 would be a downgrade (llama-quantize lists Q5_0 at +0.1316 ppl against Q5_K_S's +0.1049 on
   Llama-3-8B), and llama.cpp's fallbacks never lose accuracy. Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0 and
   Q6_K -> Q8_0 are llama.cpp's own; a row that is not a multiple of 32 either stays F16;
-* two MoE options llama.cpp lacks: ``shared_experts_type`` sets ``ffn_{gate,up,down}_shexp`` and
-  ``dense_ffn_type`` the FFN of dense blocks (``ffn_{gate,up,down}`` without experts, e.g.
-  DeepSeek's first_k_dense_replace blocks; in a dense model that is every FFN). Both replace the
-  preset's choice exactly, as ``--tensor-type`` does, and are still subject to the fallback.
+* two MoE options llama.cpp lacks: ``--shared-experts-type`` sets the shared experts
+  (``ffn_{gate,up,down}_shexp``) and ``--dense-ffn-type`` the FFN of dense blocks (``ffn_{gate,up,down}``
+  without experts, e.g. DeepSeek's first_k_dense_replace blocks; in a dense model that is every FFN).
+  They are recipe rules (``role:shared_expert`` / ``role:dense_mlp`` with a ``ggml_type``, see
+  ``Recipe.with_kquant_type``) that replace the preset's choice exactly, as ``--tensor-type`` does, and
+  are still subject to the fallback.
 """
 
 from __future__ import annotations
@@ -185,8 +187,6 @@ _KEPT_SUBSTRINGS = (
 )
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
-_SHARED_EXPERT = re.compile(r"\.ffn_(gate|up|down)_shexp\.weight$")
-_DENSE_FFN = re.compile(r"\.ffn_(gate|up|down)\.weight$")
 
 
 def _category(name: str) -> str:
@@ -228,12 +228,6 @@ def _kept_reason(spec: TensorSpec) -> str | None:
         return "position/token-type embedding: never quantized"
     kept = next((text for text in _KEPT_SUBSTRINGS if text in name), None)
     return f"{kept}: never quantized" if kept else None
-
-
-def _check_type(type_name: str | None, option: str) -> str | None:
-    if type_name is not None and type_name not in OVERRIDE_TYPES:
-        raise QuantkitError(f"unknown tensor type {type_name!r} for {option}; supported: {', '.join(OVERRIDE_TYPES)}")
-    return type_name
 
 
 @dataclass
@@ -317,8 +311,6 @@ def assign_types(
     n_experts: int,
     n_head: int,
     n_head_kv: int,
-    shared_experts_type: str | None = None,
-    dense_ffn_type: str | None = None,
 ) -> dict[str, Assignment]:
     """The type of every tensor under ``preset``, keyed by name in the order given.
 
@@ -333,8 +325,6 @@ def assign_types(
         tied_embeddings=all(t.name != "output.weight" for t in tensors),
         n_attention_wv=sum(_category(t.name) in _ATTN_V_LIKE for t in tensors),
     )
-    shared = _check_type(shared_experts_type, "shared_experts_type")
-    dense = _check_type(dense_ffn_type, "dense_ffn_type")
     if n_layers < 1:
         raise QuantkitError(f"n_layers must be at least 1, got {n_layers}")
     if len({t.name for t in tensors}) != len(tensors):
@@ -347,10 +337,6 @@ def assign_types(
             chosen[spec.name] = Assignment(KEEP, kept)
             continue
         type_name, rule = _preset_type(spec, state)
-        if shared and _SHARED_EXPERT.search(spec.name):
-            type_name, rule = shared, f"shared expert: shared_experts_type {shared}"
-        elif dense and _DENSE_FFN.search(spec.name):
-            type_name, rule = dense, f"dense FFN: dense_ffn_type {dense}"
         chosen[spec.name] = fallback_type(type_name, spec.shape[-1], rule) or Assignment(type_name, rule)
     return {t.name: chosen[t.name] for t in tensors}
 
@@ -373,8 +359,8 @@ def preset_rules(preset: str) -> list[tuple[str, str]]:
 
     return [
         ("norms, routers (ffn_gate_inp), biases, 1-D", f"{KEEP}: kept as they are"),
-        ("ffn_gate/up/down_shexp", "shared_experts_type when given"),
-        ("ffn_gate/up/down of dense blocks", "dense_ffn_type when given"),
+        ("ffn_gate/up/down_shexp", "--shared-experts-type when given"),
+        ("ffn_gate/up/down of dense blocks", "--dense-ffn-type when given"),
         ("output.weight", output),
         ("token_embd.weight", f"{base}; as output.weight when embeddings are tied (no output.weight)"),
         ("attn_v, attn_qkv, attn_kv_b", rule(p.attn_v, "Q8_0")),
