@@ -90,3 +90,16 @@ def test_moe_layer_bookkeeping() -> None:
     config = {"num_hidden_layers": 4, "num_experts": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
     assert qwen.moe_layers(config) == [1]
     assert get_arch("llama").moe_layers({"num_hidden_layers": 4}) == []
+
+
+def test_fused_sources_name_the_on_disk_then_the_in_memory_block() -> None:
+    mixtral = get_arch("mixtral").experts
+    assert mixtral is not None
+    assert mixtral.fused_sources("model.layers.3.block_sparse_moe.experts.7.w2.weight") == [
+        "model.layers.3.block_sparse_moe.experts.down_proj", "model.layers.3.mlp.experts.down_proj"]
+    assert mixtral.fused_sources("model.layers.3.block_sparse_moe.experts.7.w3.weight")[0].endswith("gate_up_proj")
+    deepseek = get_arch("deepseek_v3").experts
+    assert deepseek is not None
+    assert deepseek.fused_sources("model.layers.1.mlp.experts.0.up_proj.weight") == [
+        "model.layers.1.mlp.experts.gate_up_proj"]
+    assert deepseek.fused_sources("model.layers.1.mlp.shared_experts.up_proj.weight") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,16 @@ def test_gptq_cli_end_to_end(tiny_lm: Path, test_text: Path, tmp_path: Path) -> 
     assert report["gptq"]["all_experts"] and len(report["gptq_layers"]) == 2
     assert all(t["gptq"]["tokens"] == 4 * 32 for t in report["tensors"] if t["gptq"] and ".experts." in t["name"])
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["desc_act"]
+
+
+def test_gptq_reads_experts_stored_fused_exactly_as_per_expert(fused_on_disk: Path, tiny_lm: Path, test_text: Path,
+                                                                tmp_path: Path) -> None:
+    """The same qwen3_moe weights saved per expert and fused (transformers' in-memory layout) give the same bytes."""
+    per_expert = copy_tokenizer(tiny_lm, save_model(build_model("qwen3_moe", seed=1), tmp_path / "per_expert"))
+    fused = copy_tokenizer(tiny_lm, Path(shutil.copytree(fused_on_disk, tmp_path / "fused")))
+    data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=16)
+    recipe = get_preset("int8").with_default(method="gptq", bits=4, group_size=16)
+    for source in (per_expert, fused):
+        quantize(source, recipe, tmp_path / f"q-{source.name}", data=data, show_progress=False)
+    written = [(tmp_path / f"q-{name}" / "model.safetensors").read_bytes() for name in ("per_expert", "fused")]
+    assert written[0] == written[1]

@@ -235,15 +235,11 @@ def _read(checkpoint: Checkpoint, hf_name: str, fused: dict[str, dict[str, torch
     if hf_name in checkpoint:
         return checkpoint.get(hf_name)
     layout = get_arch(checkpoint.model_type).experts
-    match = layout.per_expert_pattern.match(hf_name) if layout is not None else None
-    if layout is not None and match is not None:
-        param = "down_proj" if match["proj"] == layout.down else "gate_up_proj"
-        for block in (layout.disk_block, layout.memory_block):
-            source = f"{match['layer']}{block}.experts.{param}"
-            if source in checkpoint:
-                if source not in fused:
-                    fused[source] = layout.split_fused(source, checkpoint.get(source))
-                return fused[source][hf_name]
+    sources = [s for s in layout.fused_sources(hf_name) if s in checkpoint] if layout is not None else []
+    if layout is not None and sources:
+        if sources[0] not in fused:
+            fused[sources[0]] = layout.split_fused(sources[0], checkpoint.get(sources[0]))
+        return fused[sources[0]][hf_name]
     raise QuantkitError(f"tensor {hf_name} is not in {checkpoint.path}")
 
 

@@ -273,10 +273,7 @@ class _Solver:
     def _disk_dtype(self, name: str) -> torch.dtype:
         checkpoint = self.pipeline.checkpoint
         if name not in checkpoint.tensors and self.arch.experts is not None:  # experts stored fused on disk
-            match = self.arch.experts.per_expert_pattern.match(name)
-            assert match is not None
-            param = "down_proj" if match["proj"] == self.arch.experts.down else "gate_up_proj"
-            name = f"{match['layer']}{self.arch.experts.disk_block}.experts.{param}"
+            name = next(s for s in self.arch.experts.fused_sources(name) if s in checkpoint.tensors)
         return storage_dtype(torch.empty(0, dtype=checkpoint.tensors[name].dtype))
 
 

@@ -65,6 +65,16 @@ class ExpertLayout:
         disk_proj = {"gate": self.gate, "up": self.up, "down": self.down}[proj]
         return f"{layer_prefix}{self.disk_block}.experts.{expert}.{disk_proj}.weight"
 
+    def fused_sources(self, per_expert_name: str) -> list[str]:
+        """The fused parameters that can hold the per-expert weight ``per_expert_name``: the on-disk block's name,
+        then transformers' in-memory one (checkpoints saved from memory use it); [] for any other name."""
+        match = self.per_expert_pattern.match(per_expert_name)
+        if match is None:
+            return []
+        param = "down_proj" if match["proj"] == self.down else "gate_up_proj"
+        return [f"{match['layer']}{block}.experts.{param}" for block in dict.fromkeys((self.disk_block,
+                                                                                      self.memory_block))]
+
     def split_fused(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-expert on-disk tensors from one fused parameter (views, no copies)."""
         match = self.fused_pattern.match(name)
