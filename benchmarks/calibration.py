@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantkit.api import quantize
+from quantkit.api import QuantizeOptions, quantize
 from quantkit.calib.artifact import load_calibration
 from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.eval.run import EvalSettings, run_perplexity
@@ -76,7 +76,8 @@ def main() -> None:
         configs |= {f"W8A8-static-{s}": {"activations": "static", "activation_range": s} for s in RANGE_SELECTORS}
         for name, changes in configs.items():
             out = Path(tmp) / name
-            quantize(None, get_preset("int8").with_default(**changes), out, calibration=calib, show_progress=False)
+            quantize(None, get_preset("int8").with_default(**changes), out,
+                     options=QuantizeOptions(calibration=calib, show_progress=False))
             result = run_perplexity(out, settings, base=DEMO_MODEL_DIR)
             quality[name] = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"]}
             print(f"{name}: ppl {result['ppl']:.3f} KL {result['kl']:.5f} top-1 {result['top1_agreement']:.4f}")

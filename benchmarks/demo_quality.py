@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from quantkit.api import quantize
+from quantkit.api import QuantizeOptions, quantize
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
 from quantkit.recipe import get_preset
@@ -33,7 +33,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in CONFIGS.items():
             out = Path(tmp) / name
-            report = quantize(None, get_preset("int8").with_default(**config), out, show_progress=False)
+            report = quantize(None, get_preset("int8").with_default(**config), out,
+                              options=QuantizeOptions(show_progress=False))
             result = run_perplexity(out, settings, base=DEMO_MODEL_DIR)
             rows[name] = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"],
                           "bits_per_weight_quantized": report.bits_per_weight(quantized_only=True),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from quantkit.api import CalibrationSettings, quantize
+from quantkit.api import CalibrationSettings, QuantizeOptions, quantize
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
 from quantkit.recipe import get_preset
@@ -48,7 +48,8 @@ def main() -> None:
         for name, config in CONFIGS.items():
             out = Path(tmp) / name
             started = time.perf_counter()
-            report = quantize(None, get_preset("int8").with_default(**config), out, data=data, show_progress=False)
+            report = quantize(None, get_preset("int8").with_default(**config), out,
+                              options=QuantizeOptions(data=data, show_progress=False))
             seconds = time.perf_counter() - started
             result = run_perplexity(out, settings, base=DEMO_MODEL_DIR)
             rows[name] = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"],

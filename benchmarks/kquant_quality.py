@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from quantkit.api import CalibrationSettings, calibrate, quantize
+from quantkit.api import CalibrationSettings, QuantizeOptions, calibrate, quantize
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.kquants.presets import PRESET_ORDER
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
@@ -64,7 +64,7 @@ def main() -> None:
                 continue
             out = Path(tmp) / name
             started = time.perf_counter()
-            report = quantize(None, recipe, out, calibration=calib, show_progress=False)
+            report = quantize(None, recipe, out, options=QuantizeOptions(calibration=calib, show_progress=False))
             seconds = time.perf_counter() - started
             result = run_perplexity(out, settings, base=DEMO_MODEL_DIR)
             row = {"ppl": result["ppl"], "kl": result["kl"], "top1_agreement": result["top1_agreement"],

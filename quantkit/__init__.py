@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from quantkit.api import CalibrationSettings, calibrate, inspect, quantize
+    from quantkit.api import CalibrationSettings, QuantizeOptions, calibrate, inspect, quantize
     from quantkit.calib.artifact import load_calibration
     from quantkit.formats.load import load_quantized
 
-__all__ = ["CalibrationSettings", "__version__", "calibrate", "inspect", "load_calibration", "load_quantized",
-           "quantize"]
+__all__ = ["CalibrationSettings", "QuantizeOptions", "__version__", "calibrate", "inspect", "load_calibration",
+           "load_quantized", "quantize"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("quantize", "inspect", "calibrate", "CalibrationSettings"):
+    if name in ("quantize", "inspect", "calibrate", "CalibrationSettings", "QuantizeOptions"):
         from quantkit import api
 
         return getattr(api, name)

@@ -8,6 +8,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,33 @@ from quantkit.schemes import SCHEMES, BlockQuantized, IntQuantized, Quantized, S
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
 
-__all__ = ["CalibrationSettings", "calibrate", "expert_coverage", "inspect", "quantize"]
+__all__ = ["CalibrationSettings", "QuantizeOptions", "calibrate", "expert_coverage", "inspect", "quantize"]
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How :func:`quantize` runs; the recipe says what it does to each tensor.
+
+    ``calibration`` is a directory from ``quantkit calibrate`` on the same model: static activation scales and
+    k-quant importance come from it, and GPTQ runs on its windows unless ``data`` describes others (without
+    either, on the bundled calibration text). ``output_format`` names a registered format
+    (``quantkit.formats.output.OUTPUT_FORMATS``): ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ
+    only), ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks
+    ``ggml`` for k-quants, else ``compressed-tensors``. ``max_memory`` (bytes) bounds how many experts GPTQ
+    solves at once.
+    """
+
+    overwrite: bool = False  # replace ``out`` if it is a previous quantkit output (never anything else)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    seed: int = 0  # seeds torch; recorded in the report
+    calibration: str | Path | None = None
+    data: CalibrationSettings | None = None
+    output_format: str = "auto"
+    max_memory: int | None = None
+    command: list[str] | None = None  # recorded in the report
+    show_progress: bool = True
+    console: Console | None = None
 
 
 def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
@@ -86,53 +112,29 @@ def expert_coverage(plan: QuantPlan) -> dict[str, Any]:
     }
 
 
-def quantize(
-    model: str | Path | None,
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    seed: int = 0,
-    calibration: str | Path | None = None,
-    data: CalibrationSettings | None = None,
-    output_format: str = "auto",
-    max_memory: int | None = None,
-    command: list[str] | None = None,
-    show_progress: bool = True,
-    console: Console | None = None,
-) -> QuantReport:
-    """Quantize ``model`` with ``recipe`` into ``out`` (compressed-tensors pack-quantized), atomically.
-
-    ``calibration`` is a directory from ``quantkit calibrate`` on the same model; schemes with
-    static activations take their input scales from it. GPTQ runs on the windows ``data``
-    describes, or else on the calibration's own windows (same data, samples, length and seed).
-    ``output_format`` names a registered format (``quantkit.formats.output.OUTPUT_FORMATS``): built in are
-    ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ methods only), ``ggml`` (k-quant blocks in
-    safetensors) and ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks ``ggml`` for k-quants, else
-    ``compressed-tensors``. k-quants with ``calibration`` use its
-    per-channel importance (per expert). ``max_memory`` (bytes) bounds how many experts GPTQ solves
-    at once.
-    """
+def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
+             options: QuantizeOptions | None = None) -> QuantReport:
+    """Quantize ``model`` with ``recipe`` into ``out``, atomically; ``options`` say how (:class:`QuantizeOptions`)."""
+    options = options or QuantizeOptions()
     started = time.perf_counter()
     out = Path(out)
-    torch.manual_seed(seed)
+    torch.manual_seed(options.seed)
     checkpoint = Checkpoint.open(model)
     plan = make_plan(checkpoint, recipe)
-    fmt = resolve_output_format(output_format, plan)
-    calib = _load_calibration(calibration, checkpoint, plan)
+    fmt = resolve_output_format(options.output_format, plan)
+    calib = _load_calibration(options.calibration, checkpoint, plan)
     report = QuantReport(
         model=str(checkpoint.path),
         model_type=checkpoint.model_type,
         recipe=recipe.to_dict(),
-        command=command or [],
-        seed=seed,
+        command=options.command or [],
+        seed=options.seed,
         output=str(out),
     )
     if calib is not None:
         report.calibration = {key: calib.metadata.get(key) for key in
                               ("dataset", "num_samples", "seq_len", "tokens", "all_experts", "min_expert_tokens")}
-        report.calibration["path"] = str(calibration)
+        report.calibration["path"] = str(options.calibration)
         report.calibration["flagged_experts"] = len(calib.starved())
     if plan.unexpected:
         report.notes.append(
@@ -140,10 +142,10 @@ def quantize(
         )
     written = WrittenWeights()
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
-    gptq_data = _gptq_data(hessian_items, data, calib)
-    reads = [checkpoint.path, *([calibration] if calibration is not None else [])]
+    gptq_data = _gptq_data(hessian_items, options.data, calib)
+    reads = [checkpoint.path, *([options.calibration] if options.calibration is not None else [])]
     if not isinstance(fmt, DirectoryFormat):
-        return _quantize_to_file(fmt, plan, calib, out, overwrite, reads, report, started, show_progress, console)
+        return _quantize_to_file(fmt, plan, calib, out, options, reads, report, started)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if item.scheme is not None and item.scheme.activations == "static":
@@ -159,12 +161,12 @@ def quantize(
             written.float_linears.append(item.module)
 
     if gptq_data is not None:
-        check_all_finite(checkpoint, show_progress, console)
-    with atomic_directory(out, overwrite, reads=reads, notes=report.notes) as tmp:
-        writer = fmt.open(tmp, max_shard_bytes)
+        check_all_finite(checkpoint, options.show_progress, options.console)
+    with atomic_directory(out, options.overwrite, reads=reads, notes=report.notes) as tmp:
+        writer = fmt.open(tmp, options.max_shard_bytes)
         if gptq_data is not None:
-            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, max_memory, show_progress,
-                                  console)
+            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, options.max_memory,
+                                  options.show_progress, options.console)
             for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
@@ -177,7 +179,7 @@ def quantize(
             report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len,
                            "dataset": gptq_data.dataset or "bundled default", "all_experts": gptq_data.all_experts,
                            "min_expert_tokens": gptq_data.min_expert_tokens}
-        for source in track(plan.sources, "quantizing", show_progress, console):
+        for source in track(plan.sources, "quantizing", options.show_progress, options.console):
             if all(item.name in hessian_items for item in source.outputs):
                 continue
             tensor = checkpoint.get(source.source)
@@ -203,9 +205,8 @@ def quantize(
     return report
 
 
-def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | None, out: Path, overwrite: bool,
-                      reads: list[Any], report: QuantReport, started: float, show_progress: bool,
-                      console: Console | None) -> QuantReport:
+def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | None, out: Path,
+                      options: QuantizeOptions, reads: list[Any], report: QuantReport, started: float) -> QuantReport:
     """Write the plan as one file at ``out`` (atomically) and its report beside it: a GGUF file for llama.cpp.
 
     The single-file path still walks the checkpoint by GGUF tensor (experts merged) on its own; making it
@@ -222,7 +223,7 @@ def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | N
     sources = gguf_export.gguf_sources(checkpoint)
 
     def tensors() -> Iterator[tuple[str, gguf.GGMLQuantizationType, np.ndarray]]:
-        for source in track(sources, "quantizing", show_progress, console):
+        for source in track(sources, "quantizing", options.show_progress, options.console):
             data = gguf_export.load_source(checkpoint, source)
             check_finite(source.name, torch.from_numpy(data), checkpoint)
             members = [items[name] for name in source.hf_names if name in items]
@@ -261,7 +262,7 @@ def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | N
 
     preset = plan.recipe.default.kquant_preset
     file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
-    with atomic_file(out, overwrite, is_previous=_is_quantkit_gguf, reads=reads, notes=report.notes) as tmp:
+    with atomic_file(out, options.overwrite, is_previous=_is_quantkit_gguf, reads=reads, notes=report.notes) as tmp:
         gguf_export.write_gguf(tmp, checkpoint, tensors(), file_type=int(file_type))
         _finish_report(report, started)
         with atomic_file(gguf_report_path(out), True, is_previous=lambda _: True, reads=reads) as report_tmp:

@@ -288,10 +288,7 @@ def quantize(
     if out is None:
         suffix = ".gguf" if output_format == "gguf" else ""
         out = Path(f"{resolve_model_path(model).name}-{_slug(chosen.default.describe())}{suffix}")
-    report = api.quantize(
-        model,
-        chosen,
-        out,
+    options = api.QuantizeOptions(
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size),
         seed=seed,
@@ -303,6 +300,7 @@ def quantize(
         show_progress=not as_json,
         console=err_console,
     )
+    report = api.quantize(model, chosen, out, options=options)
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkit.api import quantize
+from quantkit.api import QuantizeOptions, quantize
 from quantkit.calib.run import CalibrationSettings, calibrate
 from quantkit.formats.load import load_quantized
 from quantkit.model.experts import is_fused_experts
@@ -65,7 +65,8 @@ def w8a8(tiny_models: dict[str, Path], tiny_lm: Path, test_text: Path,
         for mode in ("static", "dynamic"):
             recipe = get_preset("int8").with_default(activations=mode, activation_range="kl")
             outputs[(arch, mode)] = root / f"{arch}-{mode}"
-            quantize(model, recipe, outputs[(arch, mode)], calibration=root / f"{arch}-calib", show_progress=False)
+            quantize(model, recipe, outputs[(arch, mode)],
+                     options=QuantizeOptions(calibration=root / f"{arch}-calib", show_progress=False))
     return outputs
 
 

@@ -113,11 +113,12 @@ def test_model_against_itself_has_zero_kl_and_full_agreement(tiny_lm: Path, test
 
 
 def test_quantized_model_against_base(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
-    from quantkit.api import quantize
+    from quantkit.api import QuantizeOptions, quantize
     from quantkit.recipe import get_preset
 
     out = tmp_path / "q"
-    quantize(tiny_lm, get_preset("int4-g128").with_default(group_size=16, bits=3), out, show_progress=False)
+    quantize(tiny_lm, get_preset("int4-g128").with_default(group_size=16, bits=3), out,
+             options=QuantizeOptions(show_progress=False))
     assert load_tokenizer(out)  # the tokenizer travelled with the weights
     result = run_perplexity(out, EvalSettings(dataset=str(test_text), seq_len=64), base=tiny_lm)
     assert result["kl"] > 0 and result["top1_agreement"] < 1
@@ -149,7 +150,7 @@ def cli(*args: object) -> tuple[int, str, str]:
 
 
 def test_gate_passes_and_fails_with_the_right_exit_codes(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
-    from quantkit.api import quantize
+    from quantkit.api import QuantizeOptions, quantize
     from quantkit.recipe import get_preset
 
     common = ["--dataset", test_text, "--seq-len", 64]
@@ -171,7 +172,8 @@ def test_gate_passes_and_fails_with_the_right_exit_codes(tiny_lm: Path, test_tex
     assert code == 0, err
 
     out = tmp_path / "q2"
-    quantize(tiny_lm, get_preset("int4-g128").with_default(group_size=16, bits=2), out, show_progress=False)
+    quantize(tiny_lm, get_preset("int4-g128").with_default(group_size=16, bits=2), out,
+             options=QuantizeOptions(show_progress=False))
     code, _, err = cli(out, *common, "--base", tiny_lm, "--max-kl", "1e-9")
     assert code == 1 and "regression: KL" in err
     code, _, err = cli(out, *common, "--base", tiny_lm, "--max-kl", "1000", "--json")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkit.api import CalibrationSettings, quantize
+from quantkit.api import CalibrationSettings, QuantizeOptions, quantize
 from quantkit.formats.load import load_quantized
 from quantkit.gptq.sequential import gptq_layers
 from quantkit.model.checkpoint import Checkpoint
@@ -63,8 +63,8 @@ def test_each_layer_sees_the_quantized_outputs_of_the_previous_one(tiny_models: 
 def test_starved_experts_fall_back_and_are_reported(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
     path, starved = starved_deepseek(tiny_lm, tmp_path)
     data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, min_expert_tokens=16)
-    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
-                      show_progress=False)
+    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q",
+                      options=QuantizeOptions(data=data, show_progress=False))
     records = {t.name: t for t in report.tensors}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         info = records[f"model.layers.1.mlp.experts.{starved}.{proj}.weight"].gptq
@@ -83,8 +83,8 @@ def test_starved_experts_fall_back_and_are_reported(tiny_lm: Path, test_text: Pa
 def test_all_experts_gives_every_expert_every_token(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
     path, starved = starved_deepseek(tiny_lm, tmp_path)
     data = CalibrationSettings(dataset=str(test_text), num_samples=8, seq_len=32, all_experts=True)
-    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q", data=data,
-                      show_progress=False)
+    report = quantize(path, get_preset("int8").with_default(**GPTQ4), tmp_path / "q",
+                      options=QuantizeOptions(data=data, show_progress=False))
     info = {t.name: t.gptq for t in report.tensors if t.gptq is not None}
     assert info[f"model.layers.1.mlp.experts.{starved}.gate_proj.weight"]["tokens"] == 8 * 32
     assert all(v["fallback"] is None for v in info.values())
@@ -99,7 +99,8 @@ def test_both_formats_reload_to_the_same_weights(tiny_lm: Path, test_text: Path,
     data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32)
     recipe = get_preset("int8").with_default(**GPTQ4, act_order=act_order)
     for fmt in ("compressed-tensors", "gptq-v1"):
-        quantize(path, recipe, tmp_path / fmt, data=data, output_format=fmt, show_progress=False)
+        quantize(path, recipe, tmp_path / fmt,
+                 options=QuantizeOptions(data=data, output_format=fmt, show_progress=False))
     assert (tmp_path / "gptq-v1" / "quantize_config.json").is_file()
     config = json.loads((tmp_path / "gptq-v1" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["desc_act"] == act_order and config["bits"] == 4
@@ -115,7 +116,7 @@ def test_gptq_v1_refuses_other_methods(tiny_models: dict[str, Path], tmp_path: P
 
     with pytest.raises(QuantkitError, match="GPTQ weights only"):
         quantize(tiny_models["llama"], get_preset("int4-g128").with_default(group_size=16), tmp_path / "q",
-                 output_format="gptq-v1", show_progress=False)
+                 options=QuantizeOptions(output_format="gptq-v1", show_progress=False))
     assert not (tmp_path / "q").exists()
 
 
@@ -128,8 +129,9 @@ def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: 
     path = copy_tokenizer(tiny_lm, save_model(build_model("qwen2_moe", seed=5), tmp_path / "m"))
     data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32, all_experts=True)
     recipe = get_preset("int8").with_default(**GPTQ4)
-    whole = quantize(path, recipe, tmp_path / "whole", data=data, show_progress=False)
-    chunked = quantize(path, recipe, tmp_path / "chunked", data=data, max_memory=1, show_progress=False)
+    whole = quantize(path, recipe, tmp_path / "whole", options=QuantizeOptions(data=data, show_progress=False))
+    chunked = quantize(path, recipe, tmp_path / "chunked",
+                       options=QuantizeOptions(data=data, max_memory=1, show_progress=False))
     assert [t.gptq for t in whole.tensors] == [t.gptq for t in chunked.tensors]
     a, b = load_quantized(tmp_path / "whole").state_dict(), load_quantized(tmp_path / "chunked").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -177,6 +179,6 @@ def test_gptq_reads_experts_stored_fused_exactly_as_per_expert(fused_on_disk: Pa
     data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=16)
     recipe = get_preset("int8").with_default(method="gptq", bits=4, group_size=16)
     for source in (per_expert, fused):
-        quantize(source, recipe, tmp_path / f"q-{source.name}", data=data, show_progress=False)
+        quantize(source, recipe, tmp_path / f"q-{source.name}", options=QuantizeOptions(data=data, show_progress=False))
     written = [(tmp_path / f"q-{name}" / "model.safetensors").read_bytes() for name in ("per_expert", "fused")]
     assert written[0] == written[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantkit.api import quantize
+from quantkit.api import QuantizeOptions, quantize
 from quantkit.formats import sharded
 from quantkit.formats.load import dequantized_state, load_quantized
 from quantkit.model.archs import get_arch
@@ -33,7 +33,7 @@ def output_keys(out: Path) -> set[str]:
 def test_every_linear_of_every_expert_is_quantized(arch: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     source = Checkpoint.open(tiny_models[arch])
     spec = get_arch(arch)
-    report = quantize(source.path, INT4_G16, tmp_path / "out", show_progress=False)
+    report = quantize(source.path, INT4_G16, tmp_path / "out", options=QuantizeOptions(show_progress=False))
     keys = output_keys(tmp_path / "out")
     quantized = [t for t in report.tensors if t.bits == 4]
     for name in source.tensors:
@@ -58,7 +58,7 @@ def test_loader_returns_exactly_the_scheme_dequantization(
 ) -> None:
     source = Checkpoint.open(tiny_models["deepseek_v3"])
     recipe = INT4_G16.with_default(method=method, bits=3)
-    quantize(source.path, recipe, tmp_path / "out", show_progress=False)
+    quantize(source.path, recipe, tmp_path / "out", options=QuantizeOptions(show_progress=False))
     state = dequantized_state(Checkpoint.open(tmp_path / "out"))
     spec = get_arch("deepseek_v3")
     for name in source.tensors:
@@ -84,7 +84,7 @@ def test_compressed_tensors_decodes_our_bytes_identically(
     recipe = INT4_G16.with_default(method=method, bits=3, granularity=granularity,
                                    group_size=16 if granularity == "group" else None)
     out = tmp_path / "out"
-    quantize(tiny_models["qwen2_moe"], recipe, out, show_progress=False)
+    quantize(tiny_models["qwen2_moe"], recipe, out, options=QuantizeOptions(show_progress=False))
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group["weights"]))
@@ -99,7 +99,7 @@ def test_compressed_tensors_decodes_our_bytes_identically(
 
 
 def test_fused_experts_on_disk_are_split_per_expert(fused_on_disk: Path, tmp_path: Path) -> None:
-    report = quantize(fused_on_disk, INT4_G16, tmp_path / "out", show_progress=False)
+    report = quantize(fused_on_disk, INT4_G16, tmp_path / "out", options=QuantizeOptions(show_progress=False))
     keys = output_keys(tmp_path / "out")
     assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
     for layer in range(2):
@@ -119,21 +119,22 @@ def test_fused_experts_on_disk_are_split_per_expert(fused_on_disk: Path, tmp_pat
 
 def test_sharded_output_has_an_index_and_loads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    quantize(tiny_models["mixtral"], INT4_G16, out, max_shard_bytes=20_000, show_progress=False)
+    quantize(tiny_models["mixtral"], INT4_G16, out,
+             options=QuantizeOptions(max_shard_bytes=20_000, show_progress=False))
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert set(index["weight_map"]) == output_keys(out)
     single = tmp_path / "single"
-    quantize(tiny_models["mixtral"], INT4_G16, single, show_progress=False)
+    quantize(tiny_models["mixtral"], INT4_G16, single, options=QuantizeOptions(show_progress=False))
     a, b = dequantized_state(Checkpoint.open(out)), dequantized_state(Checkpoint.open(single))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_same_inputs_give_byte_identical_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     for name in ("a", "b"):
-        quantize(tiny_models["olmoe"], INT4_G16, tmp_path / name, show_progress=False)
+        quantize(tiny_models["olmoe"], INT4_G16, tmp_path / name, options=QuantizeOptions(show_progress=False))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
 
@@ -152,14 +153,15 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(
 
     monkeypatch.setattr(sharded.ShardedWriter, "add", interrupt_midway)
     with pytest.raises(KeyboardInterrupt):
-        quantize(tiny_models["qwen3_moe"], INT4_G16, tmp_path / "out", show_progress=False)
+        quantize(tiny_models["qwen3_moe"], INT4_G16, tmp_path / "out", options=QuantizeOptions(show_progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_report_records_every_tensor(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     recipe = INT4_G16.with_rule(["role:shared_expert"], bits=8)
-    quantize(tiny_models["deepseek_v3"], recipe, out, command=["quantkit", "quantize"], seed=7, show_progress=False)
+    quantize(tiny_models["deepseek_v3"], recipe, out,
+             options=QuantizeOptions(command=["quantkit", "quantize"], seed=7, show_progress=False))
     report = json.loads((out / "quantkit_report.json").read_text())
     assert report["seed"] == 7 and report["command"] == ["quantkit", "quantize"]
     assert {"quantkit", "torch", "transformers"} <= set(report["versions"])
@@ -187,7 +189,7 @@ def test_tensors_unknown_to_the_config_are_kept_as_they_are(tiny_models: dict[st
     extra = "model.layers.2.mlp.experts.0.up_proj.weight"  # a layer beyond num_hidden_layers
     weights[extra] = torch.randn(32, 64)
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    report = quantize(model, INT4_G16, tmp_path / "out", show_progress=False)
+    report = quantize(model, INT4_G16, tmp_path / "out", options=QuantizeOptions(show_progress=False))
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))[extra], weights[extra])
     assert any(extra in note for note in report.notes)
 

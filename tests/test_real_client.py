@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkit.api import quantize
+from quantkit.api import QuantizeOptions, quantize
 from quantkit.formats.load import load_quantized
 from quantkit.recipe import get_preset
 
@@ -29,7 +29,7 @@ def test_plain_transformers_matches_quantkit_loader(
 
     out = tmp_path / "out"
     recipe = get_preset("int4-sym-g128").with_default(bits=bits, group_size=16)
-    quantize(tiny_models[arch], recipe, out, show_progress=False)
+    quantize(tiny_models[arch], recipe, out, options=QuantizeOptions(show_progress=False))
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         client = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -45,7 +45,7 @@ def test_real_model_loads_in_transformers(stories_model: Path, tmp_path: Path) -
     import transformers
 
     out = tmp_path / "out"
-    quantize(stories_model, get_preset("int8"), out, show_progress=False)
+    quantize(stories_model, get_preset("int8"), out, options=QuantizeOptions(show_progress=False))
     ids = torch.tensor([[1, 403, 407, 261, 378, 426, 263, 395]])
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         client = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from quantkit.api import CalibrationSettings, calibrate, quantize
+from quantkit.api import CalibrationSettings, QuantizeOptions, calibrate, quantize
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
 from quantkit.recipe import get_preset
@@ -65,11 +65,13 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, fl
     calibrate(None, calibration, CALIBRATION, show_progress=False)
     for name, config in CONFIGS.items():
         out = tmp_path_factory.mktemp(name) / "out"
-        quantize(None, get_preset("int8").with_default(**config), out, calibration=calibration, show_progress=False)
+        quantize(None, get_preset("int8").with_default(**config), out,
+                 options=QuantizeOptions(calibration=calibration, show_progress=False))
         results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
     for name, (preset, weighted) in KQUANT_CONFIGS.items():
         out = tmp_path_factory.mktemp(name) / "out"
-        quantize(None, get_preset(preset), out, calibration=calibration if weighted else None, show_progress=False)
+        quantize(None, get_preset(preset), out,
+                 options=QuantizeOptions(calibration=calibration if weighted else None, show_progress=False))
         results[name] = _numbers(run_perplexity(out, SETTINGS, base=DEMO_MODEL_DIR))
     if os.environ.get("QUANTKIT_UPDATE_BASELINES") == "1":
         BASELINES.write_text(json.dumps({"settings": {"protocol": "gptq", "seq_len": 512, "max_windows": 24,
