@@ -283,7 +283,7 @@ def quantize(
                  "static_groups": static_groups or None, "symmetric": sym or None, "damp": damp,
                  "block_size": block_size, "ggml_type": ggml_type}
     chosen = build_recipe(preset, recipe, overrides, shared_experts_bits, ignore, shared_experts_type, dense_ffn_type)
-    data = _gptq_data(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
+    data = _gptq_settings(calibration, dataset, num_samples, seq_len, text_field, all_experts, min_expert_tokens,
                       resolve_device(device), trust_remote_code)
     if out is None:
         suffix = ".gguf" if output_format == "gguf" else ""
@@ -364,7 +364,7 @@ def calibrate(
     console.print(f"wrote {out}" + (f" and {imatrix_out}" if imatrix_out else ""))
 
 
-def _gptq_data(calibration: Path | None, dataset: str | None, num_samples: int | None, seq_len: int | None,
+def _gptq_settings(calibration: Path | None, dataset: str | None, num_samples: int | None, seq_len: int | None,
                text_field: str, all_experts: bool, min_expert_tokens: int | None, device: str,
                trust_remote_code: bool):  # -> settings
     """GPTQ's calibration windows from the options, or None to let ``quantize`` take the calibration's/defaults."""
@@ -530,8 +530,7 @@ def presets(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named recipes and the k-quant presets with their llama.cpp tensor-type rules."""
-    from quantkit.kquants.presets import PRESETS as KQUANT_PRESETS
-    from quantkit.kquants.presets import preset_rules, presets_table
+    from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules, presets_table
     from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
 
     if name is not None:

@@ -31,7 +31,7 @@ import regex
 import yaml
 
 from quantkit.errors import QuantkitError
-from quantkit.kquants.presets import OVERRIDE_TYPES
+from quantkit.kquants.presets import KQUANT_PRESETS, OVERRIDE_TYPES
 from quantkit.model.archs.base import QUANTIZABLE_ROLES, Role
 from quantkit.recipe_schema import (
     MAX_DEPTH,
@@ -339,8 +339,6 @@ DEFAULT_PRESET = "int8"
 
 def get_preset(name: str) -> Recipe:
     """A named recipe, or a k-quant preset (``Q4_K_M``: llama.cpp's per-tensor type rules)."""
-    from quantkit.kquants.presets import PRESETS as KQUANT_PRESETS
-
     if name in KQUANT_PRESETS:
         return Recipe(SchemeConfig(method="kquant", kquant_preset=name), name=name)
     if name not in PRESETS:

@@ -17,7 +17,7 @@ import regex
 from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
 from quantkit.kquants import BLOCK_FORMATS
-from quantkit.kquants.presets import PRESETS as KQUANT_PRESETS
+from quantkit.kquants.presets import KQUANT_PRESETS
 from quantkit.model.archs.base import Role
 from quantkit.schemes import SCHEMES, SchemeConfig
 from quantkit.schemes.base import ACTIVATION_MODES, MAX_BITS, MIN_BITS, WEIGHT_CLIPS, Granularity, RangeMode

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from quantkit.errors import QuantkitError
 from quantkit.kquants.presets import (
-    PRESETS,
+    KQUANT_PRESETS,
     Assignment,
     TensorSpec,
     assign_types,
@@ -428,7 +428,7 @@ def test_bad_inputs() -> None:
 
 
 def test_preset_rules_and_table() -> None:
-    assert list(PRESETS) == sorted(
+    assert list(KQUANT_PRESETS) == sorted(
         ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
     )
     rows = dict(preset_rules("Q4_K_M"))

@@ -93,7 +93,7 @@ GQA_4 = Selector("if n_head/n_head_kv >= 4", "with n_gqa >= 4", "with n_gqa < 4"
 
 
 @dataclass(frozen=True)
-class Rule:
+class TypeRule:
     """``type`` where ``where`` picks the layer, else ``otherwise`` (None: the preset's base type)."""
 
     type: str
@@ -113,33 +113,33 @@ class Preset:
     name: str
     base: str  # llama_ftype_get_default_type
     note: str  # llama-quantize's size and perplexity line
-    attn_v: Rule | None = None  # attn_v, attn_qkv, attn_kv_b
-    ffn_down: Rule | None = None
-    attn_output: Rule | None = None
+    attn_v: TypeRule | None = None  # attn_v, attn_qkv, attn_kv_b
+    ffn_down: TypeRule | None = None
+    attn_output: TypeRule | None = None
     attn_output_8_experts: str | None = None  # attn_output when n_expert == 8
 
 
 PRESET_ORDER = (
-    Preset("Q2_K", "Q2_K", "2.96G, +3.5199 ppl @ Llama-3-8B", attn_v=Rule("Q4_K", GQA_4, "Q3_K"),
-           ffn_down=Rule("Q3_K"), attn_output=Rule("Q3_K"), attn_output_8_experts="Q5_K"),
+    Preset("Q2_K", "Q2_K", "2.96G, +3.5199 ppl @ Llama-3-8B", attn_v=TypeRule("Q4_K", GQA_4, "Q3_K"),
+           ffn_down=TypeRule("Q3_K"), attn_output=TypeRule("Q3_K"), attn_output_8_experts="Q5_K"),
     Preset("Q3_K_S", "Q3_K", "3.41G, +1.6321 ppl @ Llama-3-8B", attn_output_8_experts="Q5_K"),
-    Preset("Q3_K_M", "Q3_K", "3.74G, +0.6569 ppl @ Llama-3-8B", attn_v=Rule("Q5_K", FIRST_2, "Q4_K"),
-           ffn_down=Rule("Q5_K", FIRST_16TH, "Q4_K"), attn_output=Rule("Q4_K"), attn_output_8_experts="Q5_K"),
-    Preset("Q3_K_L", "Q3_K", "4.03G, +0.5562 ppl @ Llama-3-8B", attn_v=Rule("Q5_K"), ffn_down=Rule("Q5_K"),
-           attn_output=Rule("Q5_K")),
-    Preset("Q4_K_S", "Q4_K", "4.37G, +0.2689 ppl @ Llama-3-8B", attn_v=Rule("Q5_K", FIRST_4),
-           ffn_down=Rule("Q5_K", FIRST_8TH), attn_output_8_experts="Q5_K"),
-    Preset("Q4_K_M", "Q4_K", "4.58G, +0.1754 ppl @ Llama-3-8B", attn_v=Rule("Q6_K", MORE_BITS),
-           ffn_down=Rule("Q6_K", MORE_BITS), attn_output_8_experts="Q5_K"),
+    Preset("Q3_K_M", "Q3_K", "3.74G, +0.6569 ppl @ Llama-3-8B", attn_v=TypeRule("Q5_K", FIRST_2, "Q4_K"),
+           ffn_down=TypeRule("Q5_K", FIRST_16TH, "Q4_K"), attn_output=TypeRule("Q4_K"), attn_output_8_experts="Q5_K"),
+    Preset("Q3_K_L", "Q3_K", "4.03G, +0.5562 ppl @ Llama-3-8B", attn_v=TypeRule("Q5_K"), ffn_down=TypeRule("Q5_K"),
+           attn_output=TypeRule("Q5_K")),
+    Preset("Q4_K_S", "Q4_K", "4.37G, +0.2689 ppl @ Llama-3-8B", attn_v=TypeRule("Q5_K", FIRST_4),
+           ffn_down=TypeRule("Q5_K", FIRST_8TH), attn_output_8_experts="Q5_K"),
+    Preset("Q4_K_M", "Q4_K", "4.58G, +0.1754 ppl @ Llama-3-8B", attn_v=TypeRule("Q6_K", MORE_BITS),
+           ffn_down=TypeRule("Q6_K", MORE_BITS), attn_output_8_experts="Q5_K"),
     Preset("Q5_K_S", "Q5_K", "5.21G, +0.1049 ppl @ Llama-3-8B"),
-    Preset("Q5_K_M", "Q5_K", "5.33G, +0.0569 ppl @ Llama-3-8B", attn_v=Rule("Q6_K", MORE_BITS),
-           ffn_down=Rule("Q6_K", MORE_BITS)),
+    Preset("Q5_K_M", "Q5_K", "5.33G, +0.0569 ppl @ Llama-3-8B", attn_v=TypeRule("Q6_K", MORE_BITS),
+           ffn_down=TypeRule("Q6_K", MORE_BITS)),
     Preset("Q6_K", "Q6_K", "6.14G, +0.0217 ppl @ Llama-3-8B"),
     Preset("Q8_0", "Q8_0", "7.96G, +0.0026 ppl @ Llama-3-8B"),
 )
-PRESETS: Registry[Preset] = Registry("k-quant preset")
+KQUANT_PRESETS: Registry[Preset] = Registry("k-quant preset")
 for _preset in PRESET_ORDER:
-    PRESETS.add(_preset.name, _preset)
+    KQUANT_PRESETS.add(_preset.name, _preset)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ class _State:
     i_ffn_down: int = 0
 
 
-def _apply(rule: Rule | None, what: str, index: int, count: int, state: _State) -> tuple[str, str]:
+def _apply(rule: TypeRule | None, what: str, index: int, count: int, state: _State) -> tuple[str, str]:
     base = state.preset.base
     if rule is None:
         return base, f"{what}: base type"
@@ -318,7 +318,7 @@ def assign_types(
     experts per layer (0 or 1 for a dense model); ``n_head``/``n_head_kv`` give ``n_gqa``.
     """
     state = _State(
-        preset=PRESETS.get(preset),
+        preset=KQUANT_PRESETS.get(preset),
         n_layers=n_layers,
         n_expert=max(1, n_experts),
         n_gqa=n_head // n_head_kv if n_head_kv else 0,
@@ -349,11 +349,11 @@ def mix_bits_per_weight(assignments: dict[str, Assignment], tensors: Sequence[Te
 
 def preset_rules(preset: str) -> list[tuple[str, str]]:
     """(tensor pattern, type rule) rows describing ``preset`` (first match wins), for ``quantkit presets``."""
-    p = PRESETS.get(preset)
+    p = KQUANT_PRESETS.get(preset)
     base, block = p.base, block_size(p.base)
     output = "Q8_0" if base == "Q8_0" else f"Q6_K; Q8_0 if its row is not a multiple of {block}"
 
-    def rule(r: Rule | None, with_8_experts: str) -> str:
+    def rule(r: TypeRule | None, with_8_experts: str) -> str:
         text = r.describe(base) if r else base
         return text if text == with_8_experts else f"{text}; {with_8_experts} with exactly 8 experts"
 

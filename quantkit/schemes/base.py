@@ -106,14 +106,14 @@ class SchemeConfig:
 
     def _validate_kquant(self) -> None:
         from quantkit.kquants import BLOCK_FORMATS
-        from quantkit.kquants.presets import PRESETS
+        from quantkit.kquants.presets import KQUANT_PRESETS
 
         if self.ggml_type is None and self.kquant_preset is None:
             raise QuantkitError("kquant needs a block type (--type Q4_K) or a preset (--preset Q4_K_M)")
         if self.ggml_type is not None:
             BLOCK_FORMATS.get(self.ggml_type)
         if self.kquant_preset is not None:
-            PRESETS.get(self.kquant_preset)
+            KQUANT_PRESETS.get(self.kquant_preset)
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """One-line error when ``name`` of ``shape`` cannot take this scheme."""
