@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from quantkit.eval.perplexity import evaluate
-from quantkit.eval.run import load_model, load_tokenizer
+from quantkit.eval.run import load_model
 from quantkit.eval.windows import make_windows
 from quantkit.model.checkpoint import resolve_model_path
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.text_sources import load_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.kquant_types import resolve_kquant_types
 from quantkit.model.archs import ArchSpec, Role, get_arch
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.expected import check_against_config
@@ -55,7 +56,7 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
     """Resolve the recipe for every tensor and validate the checkpoint against its config.
 
     k-quant tensors get their block type here (a preset's rules, or a ``ggml_type`` the recipe's rules
-    give, see :mod:`quantkit.kquants.assign`).
+    give, see :mod:`quantkit.kquant_types`).
     """
     if "quantization_config" in checkpoint.config:
         raise QuantkitError(f"{checkpoint.path} is already quantized; use its float original instead")
@@ -87,7 +88,6 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> QuantPlan:
             SourcePlan(s.source, tuple(replace(t, scheme=None) if t.name in unknown else t for t in s.outputs))
             for s in sources
         ]
-    from quantkit.kquants.assign import resolve_kquant_types  # it builds on this module
 
     return resolve_kquant_types(QuantPlan(checkpoint, arch, recipe, sources, unexpected))
 

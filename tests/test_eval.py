@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from quantkit.cli import app
 from quantkit.errors import QuantkitError
-from quantkit.eval.run import EvalSettings, load_model, load_tokenizer, run_perplexity
+from quantkit.eval.run import EvalSettings, load_model, run_perplexity
 from quantkit.eval.windows import make_windows
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.text_sources import load_text, text_rows
 
 runner = CliRunner()

@@ -19,10 +19,10 @@ from quantkit.calib.imatrix import (
     write_imatrix_gguf,
 )
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf_names import GGUF_ARCH, gguf_name
 from quantkit.model.archs import ARCHS, Role, get_arch
 from quantkit.model.archs.base import QUANTIZABLE_ROLES
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.gguf_names import GGUF_ARCH, gguf_name
 from tests.conftest import ARCH_CONFIGS
 
 EXPECTED_ARCH = {

@@ -27,7 +27,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf_file import atomic_gguf
-from quantkit.formats.gguf_names import gguf_name
+from quantkit.model.gguf_names import gguf_name
 
 # llama.cpp's own names (tools/imatrix/imatrix.cpp); gguf-py only has them as Keys.IMatrix from 0.18 on
 IMATRIX_TYPE = "imatrix"

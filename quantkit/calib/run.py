@@ -22,9 +22,11 @@ from quantkit.errors import QuantkitError
 from quantkit.model.archs.base import QUANTIZABLE_ROLES
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.finite import check_all_finite
+from quantkit.model.tokenizer import check_token_ids, load_tokenizer
 from quantkit.outputs import atomic_directory, atomic_file
 from quantkit.pipeline import LayerPipeline
 from quantkit.progress import track
+from quantkit.version import versions
 
 DEFAULT_MIN_EXPERT_TOKENS = 16
 DEFAULT_SEQ_LEN = 2048
@@ -117,7 +119,7 @@ def calibrate(
         calibration.metadata["plots"] = _plots(stats, settings.plot, tmp)
         calibration.metadata["seconds"] = round(time.perf_counter() - started, 3)
         calibration.metadata["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        calibration.metadata["versions"] = _versions()
+        calibration.metadata["versions"] = versions()
         calibration.metadata["notes"] = notes
         save_calibration(calibration, tmp)
         if imatrix_tmp is not None:
@@ -127,8 +129,6 @@ def calibrate(
 
 def windows_for(checkpoint: Checkpoint, settings: CalibrationSettings) -> Any:
     """The calibration windows ``settings`` describe, tokenized with ``checkpoint``'s tokenizer."""
-    from quantkit.eval.run import check_token_ids, load_tokenizer
-
     seq_len = _check_seq_len(settings.seq_len, checkpoint.config)
     tokenizer = load_tokenizer(checkpoint.path, trust_remote_code=settings.trust_remote_code)
     windows = calibration_windows(settings.dataset, tokenizer, settings.num_samples, seq_len, settings.seed,
@@ -221,7 +221,3 @@ def _check_seq_len(seq_len: int | None, config: dict[str, Any]) -> int:
     return seq_len
 
 
-def _versions() -> dict[str, str]:
-    from quantkit.report.report import versions
-
-    return versions()

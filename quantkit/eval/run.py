@@ -17,8 +17,10 @@ from quantkit.eval.perplexity import EvalResult, evaluate
 from quantkit.eval.windows import make_windows
 from quantkit.jsonfile import read_json_object
 from quantkit.model.checkpoint import Checkpoint, resolve_model_path
+from quantkit.model.tokenizer import check_token_ids, load_tokenizer, transformers_refusal
 from quantkit.outputs import atomic_file
 from quantkit.text_sources import load_text
+from quantkit.version import __version__
 
 EVAL_VERSION = 1
 DEFAULT_SEQ_LEN = {"gptq": 2048, "llamacpp": 512}
@@ -61,41 +63,8 @@ def load_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: b
             model: Any = transformers.AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers and code the user trusted raise anything; each is one line here
-        raise QuantkitError(_transformers_refusal(path, exc)) from None
+        raise QuantkitError(transformers_refusal(path, exc)) from None
     return model.to(device).eval()
-
-
-def load_tokenizer(*paths: Path, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of the first directory that has one (its own code only with ``trust_remote_code``)."""
-    import transformers
-
-    for path in paths:
-        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            transformers.logging.set_verbosity_error()
-            try:
-                return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            except Exception as exc:  # as in load_model
-                raise QuantkitError(_transformers_refusal(path, exc)) from None
-    raise QuantkitError(f"no tokenizer files in {', '.join(map(str, paths))}")
-
-
-def check_token_ids(ids: torch.Tensor, config: dict[str, Any], model: Path) -> None:
-    """Refuse token ids the model has no embedding for (a tokenizer that does not belong to the model)."""
-    vocab_size = config.get("vocab_size")
-    if ids.numel() and isinstance(vocab_size, int) and int(ids.max()) >= vocab_size:
-        raise QuantkitError(
-            f"the tokenizer in {model} yields token id {int(ids.max())}, but config.json's vocab_size is "
-            f"{vocab_size}: the tokenizer files do not belong to this model"
-        )
-
-
-def _transformers_refusal(path: Path, exc: Exception) -> str:
-    """One line for transformers' refusal to load ``path``."""
-    if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-        return (f"{path} needs Python code from the model directory (auto_map); quantkit runs none unless "
-                "you pass --trust-remote-code")
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"transformers cannot load {path}: {type(exc).__name__}: {first}"
 
 
 def run_perplexity(
@@ -134,8 +103,6 @@ def results_record(
     model: Path, base: Path | None, dataset: str, settings: EvalSettings, text_tokens: int, result: EvalResult
 ) -> dict[str, Any]:
     import transformers
-
-    from quantkit import __version__
 
     return {
         "quantkit_eval_version": EVAL_VERSION,

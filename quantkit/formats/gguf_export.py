@@ -3,7 +3,7 @@
 Three steps, so that the quantize pipeline can quantize one tensor at a time:
 
 * :func:`gguf_sources` plans every GGUF tensor from names and shapes alone: its GGUF name (via
-  :mod:`quantkit.formats.gguf_names`), the checkpoint tensors it is made of and its float shape
+  :mod:`quantkit.model.gguf_names`), the checkpoint tensors it is made of and its float shape
   as GGUF stores it (numpy order, rows last: ``[..., n_rows, n_per_row]``).
 * :func:`load_source` reads one planned tensor as float32 in that layout, with the transforms of
   llama.cpp's ``convert_hf_to_gguf.py``: routed experts stacked into one 3-D tensor (expert
@@ -37,9 +37,9 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf_file import atomic_gguf
-from quantkit.formats.gguf_names import GGUF_ARCH, gguf_name
 from quantkit.model.archs import ArchSpec, get_arch
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.gguf_names import GGUF_ARCH, gguf_name
 from quantkit.plan import natural_key
 
 GGML = gguf.GGMLQuantizationType

@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats.compressed_tensors import (
     compact_targets,
@@ -60,6 +59,7 @@ from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeig
 from quantkit.formats.packing import pack_int32, unpack_int32
 from quantkit.schemes import SCHEMES
 from quantkit.schemes.base import IntQuantized, Quantized, SchemeConfig, dequantize_codes
+from quantkit.version import __version__
 
 if TYPE_CHECKING:
     from quantkit.plan import QuantPlan

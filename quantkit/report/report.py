@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.outputs import REPORT_FILE
+from quantkit.version import versions
 
 REPORT_VERSION = 1
 
@@ -144,23 +143,6 @@ class QuantReport:
         )
         for note in self.notes:
             console.print(f"note: {note}")
-
-
-def versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
-    from quantkit import __version__
-
-    return {
-        "quantkit": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def _numel(shape: list[int]) -> int:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from quantkit.formats.gguf_names import gguf_name
 from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallback_type
 from quantkit.model.archs.base import Role
-from quantkit.plan import QuantPlan, SourcePlan, TensorPlan
+from quantkit.model.gguf_names import gguf_name
+from quantkit.recipe import pattern_matches
 from quantkit.schemes import SchemeConfig
+
+if TYPE_CHECKING:  # plan.py calls this module; at run time it only rebuilds plans with dataclasses.replace
+    from quantkit.plan import QuantPlan, TensorPlan
 
 PRESET_EXTRA_ROLES = (Role.EMBEDDING, Role.LM_HEAD)  # llama.cpp's presets quantize these too
 
@@ -48,12 +52,12 @@ def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
             assignment = assignments[item.name]
         resolved[item.name] = (_scheme_of(base, assignment.type), assignment.rule)
     sources = [
-        SourcePlan(s.source, tuple(replace(t, scheme=resolved[t.name][0]) if t.name in resolved else t
-                                   for t in s.outputs))
+        replace(s, outputs=tuple(replace(t, scheme=resolved[t.name][0]) if t.name in resolved else t
+                                 for t in s.outputs))
         for s in plan.sources
     ]
     rules = {name: rule for name, (_, rule) in resolved.items()}
-    return QuantPlan(plan.checkpoint, plan.arch, plan.recipe, sources, plan.unexpected, rules)
+    return replace(plan, sources=sources, type_rules=rules)
 
 
 def _scheme_of(base: SchemeConfig, type_name: str) -> SchemeConfig | None:
@@ -65,8 +69,6 @@ def _scheme_of(base: SchemeConfig, type_name: str) -> SchemeConfig | None:
 
 
 def _ignored(plan: QuantPlan, item: TensorPlan) -> bool:
-    from quantkit.recipe import pattern_matches
-
     return any(pattern_matches(p, item.name, item.role) for p in plan.recipe.ignore)
 
 
