@@ -217,17 +217,20 @@ def _clean_leftovers(target: Path, notes: list[str]) -> None:
 
     Called with the target's lock held: no live run is writing these, whatever pid their names carry.
     """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)")
+    # .OUT.partial-<pid>, .OUT.old-<pid>, and the GGUF writer's own temporary file inside a partial one
+    pattern = re.compile(rf"(?P<writer>\.?)\.{re.escape(target.name)}\.(?P<kind>partial|old)-(?P<pid>\d+)"
+                         r"(?P<suffix>\.[0-9a-f]+\.tmp)?")
     for leftover in sorted(target.parent.iterdir()):
         match = pattern.fullmatch(leftover.name)
         if match is None:
             continue
-        if match[1] == "old" and not os.path.lexists(target):
+        whole = not (match["writer"] or match["suffix"])
+        if match["kind"] == "old" and whole and not os.path.lexists(target):
             os.replace(leftover, target)
             notes.append(f"restored the previous output {target.name} from {leftover.name}, left by a killed run")
             continue
         _remove(leftover)
-        notes.append(f"removed {leftover.name}, left in {target.parent} by a killed run (pid {match[2]})")
+        notes.append(f"removed {leftover.name}, left in {target.parent} by a killed run (pid {match['pid']})")
 
 
 class _OutputLock:

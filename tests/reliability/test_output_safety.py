@@ -331,3 +331,15 @@ def test_lock_file_names_the_holder(workspace: Path) -> None:
     with atomic_directory(workspace / "q"):
         assert (workspace / ".q.quantkit-lock").read_text() == f"{os.getpid()}\n"
     assert not (workspace / ".q.quantkit-lock").exists()
+
+
+def test_a_killed_gguf_writers_temporary_file_is_cleaned_too(tmp_path: Path) -> None:
+    leftovers = [tmp_path / ".m.gguf.partial-4242", tmp_path / "..m.gguf.partial-4242.0a1b2c3d4e5f.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"GGUF half")
+    (tmp_path / ".other.gguf.partial-4242").write_bytes(b"not ours to clean: another output")
+    notes: list[str] = []
+    with outputs.atomic_file(tmp_path / "m.gguf", is_previous=lambda _: False, notes=notes) as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.gguf.partial-4242", "m.gguf"]
+    assert len(notes) == 2 and all("killed run (pid 4242)" in note for note in notes)
