@@ -1,4 +1,4 @@
-"""The Python API the CLI calls: :func:`inspect`, :func:`quantize` and :func:`calibrate`."""
+"""The Python API the CLI calls: :func:`quantize`, :func:`calibrate` and :func:`inspect` (quantkit.inspection)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import resource
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, wind
 from quantkit.errors import QuantkitError
 from quantkit.formats.output import DirectoryFormat, OutputFormat, TensorSink, WrittenWeights, resolve_output_format
 from quantkit.gptq.sequential import LayerResult, gptq_layers
+from quantkit.inspection import expert_coverage, inspect
 from quantkit.model.archs.base import LINEAR_ROLES, Role
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.finite import check_all_finite, check_finite
@@ -31,7 +31,7 @@ from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
 from quantkit.schemes import SCHEMES, BlockQuantized, IntQuantized, Quantized, SchemeConfig
 from quantkit.schemes.activations import static_input_scale
-from quantkit.schemes.base import estimate_bits_per_weight, storage_dtype
+from quantkit.schemes.base import storage_dtype
 
 __all__ = ["CalibrationSettings", "QuantizeOptions", "calibrate", "expert_coverage", "inspect", "quantize"]
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
@@ -60,56 +60,6 @@ class QuantizeOptions:
     command: list[str] | None = None  # recorded in the report
     show_progress: bool = True
     console: Console | None = None
-
-
-def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
-    """Architecture, parameters by role, expert coverage and what ``recipe`` would do."""
-    checkpoint = Checkpoint.open(model)
-    plan = make_plan(checkpoint, recipe)
-    params: dict[str, int] = defaultdict(int)
-    actions: dict[str, dict[str, Any]] = {}
-    for t in plan.tensors:
-        numel = _numel(t.shape)
-        params[t.role.value] += numel
-        key = f"{t.role.value} / {t.scheme.describe() if t.scheme else 'float (unchanged)'}"
-        row = actions.setdefault(key, {"tensors": 0, "params": 0, "bits": 0.0})
-        row["tensors"] += 1
-        row["params"] += numel
-        row["bits"] += numel * _planned_bits(t)
-    total_params = sum(params.values())
-    total_bits = sum(r["bits"] for r in actions.values())
-    for row in actions.values():
-        row["bits_per_weight"] = row.pop("bits") / row["params"] if row["params"] else 0.0
-    return {
-        "model": str(checkpoint.path),
-        "architecture": plan.arch.summary(checkpoint.config),
-        "params": {"total": total_params, **dict(sorted(params.items()))},
-        "experts": expert_coverage(plan),
-        "recipe": recipe.to_dict(),
-        "plan": actions,
-        "estimated_size_mb": total_bits / 8 / 2**20,
-        "original_size_mb": checkpoint.total_bytes() / 2**20,
-        "unexpected_tensors": plan.unexpected,
-    }
-
-
-def expert_coverage(plan: QuantPlan) -> dict[str, Any]:
-    """Routed experts found per MoE layer vs. the config's count (every expert must be present)."""
-    expected = plan.arch.num_experts(plan.checkpoint.config)
-    if not expected or plan.arch.experts is None:
-        return {}
-    pattern = plan.arch.experts.per_expert_pattern
-    found: dict[str, set[int]] = defaultdict(set)
-    for t in plan.tensors:
-        match = pattern.match(t.name)
-        if match:
-            found[match["layer"]].add(int(match["expert"]))
-    return {
-        "expected_per_layer": expected,
-        "layers_with_experts": len(found),
-        "complete": all(len(v) == expected for v in found.values())
-        and len(found) == len(plan.arch.moe_layers(plan.checkpoint.config)),
-    }
 
 
 def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
@@ -414,13 +364,6 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     norm = torch.linalg.vector_norm(w)
     diff = torch.linalg.vector_norm(w - approx.to(torch.float64))
     return float(diff / norm) if norm > 0 else float(diff)
-
-
-def _planned_bits(t: TensorPlan) -> float:
-    dtype_bits = float(t.dtype.itemsize * 8)
-    if t.scheme is None:
-        return dtype_bits
-    return estimate_bits_per_weight(t.scheme, t.shape, scale_bits=int(dtype_bits))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

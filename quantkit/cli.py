@@ -530,7 +530,7 @@ def presets(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named recipes and the k-quant presets with their llama.cpp tensor-type rules."""
-    from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules, presets_table
+    from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules, preset_summaries
     from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
 
     if name is not None:
@@ -559,7 +559,13 @@ def presets(
         table.add_row(recipe_name, recipe.default.describe(), rules or "—", ", ".join(recipe.ignore),
                       PRESET_DESCRIPTIONS.get(recipe_name, ""))
     console.print(table)
-    console.print(presets_table())
+    summaries = preset_summaries()
+    kquant_table = Table(title="k-quant presets (llama.cpp llama_tensor_get_type)")
+    for column in summaries[0]:
+        kquant_table.add_column(column)
+    for summary in summaries:
+        kquant_table.add_row(*summary.values())
+    console.print(kquant_table)
 
 
 def parse_size(text: str) -> int:

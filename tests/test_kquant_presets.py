@@ -11,7 +11,6 @@ import random
 from collections.abc import Sequence
 
 import pytest
-from rich.table import Table
 
 from quantkit.errors import QuantkitError
 from quantkit.kquants.presets import (
@@ -23,7 +22,7 @@ from quantkit.kquants.presets import (
     llama3_8b_tensors,
     mix_bits_per_weight,
     preset_rules,
-    presets_table,
+    preset_summaries,
     use_more_bits,
 )
 
@@ -439,10 +438,8 @@ def test_preset_rules_and_table() -> None:
     assert dict(preset_rules("Q3_K_L"))["attn_output"] == "Q5_K; Q3_K with exactly 8 experts"
     assert dict(preset_rules("Q2_K"))["attn_v, attn_qkv, attn_kv_b"].startswith("Q4_K if n_head/n_head_kv >= 4")
     assert dict(preset_rules("Q8_0"))["attn_k"] == "Q8_0"
-    table = presets_table()
-    assert isinstance(table, Table)
-    assert table.row_count == 10
-    assert list(table.columns[0].cells) == [
+    summaries = preset_summaries()
+    assert [s["preset"] for s in summaries] == [
         "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"
     ]
-    assert list(table.columns[3].cells)[5] == "4.89"  # Q4_K_M on Llama-3-8B
+    assert summaries[5]["bpw @ Llama-3-8B"] == "4.89"  # Q4_K_M on Llama-3-8B

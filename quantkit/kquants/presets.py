@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gguf
-from rich.table import Table
 
 from quantkit.errors import QuantkitError
 from quantkit.registry import Registry
@@ -393,27 +392,17 @@ def llama3_8b_tensors() -> list[TensorSpec]:
     return specs
 
 
-def presets_table() -> Table:
-    """Every preset with its base type, bits per weight and the rules that set it apart."""
-    table = Table(title="k-quant presets (llama.cpp llama_tensor_get_type)")
-    for column in ("preset", "base", "base bpw", "bpw @ Llama-3-8B", "llama.cpp note", "rules"):
-        table.add_column(column)
+def preset_summaries() -> list[dict[str, str]]:
+    """Every preset with its base type, bits per weight (alone and on Llama-3-8B) and the rules that set it apart."""
     reference = llama3_8b_tensors()
+    summaries = []
     for preset in PRESET_ORDER:
-        name = preset.name
-        placed = assign_types(name, reference, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)
-        rows = dict(preset_rules(name))
-        rules = "\n".join(
-            f"{pattern}: {rows[pattern]}"
-            for pattern in ("output.weight", "attn_v, attn_qkv, attn_kv_b", "attn_output",
-                            "ffn_down, ffn_down_exps, ffn_down_shexp")
-        )
-        table.add_row(
-            name,
-            preset.base,
-            f"{type_bits_per_weight(preset.base):.4g}",
-            f"{mix_bits_per_weight(placed, reference):.2f}",
-            preset.note,
-            rules,
-        )
-    return table
+        placed = assign_types(preset.name, reference, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)
+        rows = dict(preset_rules(preset.name))
+        rules = "\n".join(f"{pattern}: {rows[pattern]}" for pattern in (
+            "output.weight", "attn_v, attn_qkv, attn_kv_b", "attn_output", "ffn_down, ffn_down_exps, ffn_down_shexp"))
+        summaries.append({"preset": preset.name, "base": preset.base,
+                          "base bpw": f"{type_bits_per_weight(preset.base):.4g}",
+                          "bpw @ Llama-3-8B": f"{mix_bits_per_weight(placed, reference):.2f}",
+                          "llama.cpp note": preset.note, "rules": rules})
+    return summaries
