@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import signal
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from quantkit.errors import (
-    EXIT_ENVIRONMENT_FAULT,
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
-    QuantkitError,
+from quantkit.cli_errors import user_errors
+from quantkit.cli_output import (
+    console,
+    err_console,
+    print_calibration,
+    print_eval,
+    print_inspection,
+    print_preset_rules,
+    print_presets,
 )
+from quantkit.errors import QuantkitError
 
 app = typer.Typer(
     name="quantkit",
@@ -30,9 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 ModelArg = Annotated[
     str | None,
@@ -84,54 +80,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run Python code shipped in the model directory (auto_map).")
 ]
-
-
-def user_errors(command: F) -> F:
-    """Turn expected failures into ``error: <one line>`` and a documented exit code, never a traceback.
-
-    2: bad input (:class:`QuantkitError`); 1: a fault of the machine (full disk, no permission, no
-    memory); 130: Ctrl-C; 143: SIGTERM. Output is atomic, so none of these leaves a partial output.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-        try:
-            return command(*args, **kwargs)
-        except QuantkitError as exc:
-            _print_error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
-        except OSError as exc:
-            where = f" ({exc.filename})" if exc.filename else ""
-            _print_error(f"{exc.strerror or exc}{where}")
-            raise typer.Exit(EXIT_ENVIRONMENT_FAULT) from None
-        except MemoryError:
-            _print_error("out of memory; free memory or use a machine with more (see docs/user-guide.md, memory use)")
-            raise typer.Exit(EXIT_ENVIRONMENT_FAULT) from None
-        except Terminated:
-            err_console.print("terminated; no partial output was left", highlight=False)
-            raise typer.Exit(EXIT_TERMINATED) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; no partial output was left", highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapper  # type: ignore[return-value]
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the program stands so that atomic outputs clean up as for Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def _print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
 
 
 def build_recipe(
@@ -191,23 +139,7 @@ def inspect(
     if as_json:
         console.print_json(json.dumps(info))
         return
-    facts = Table(title=f"{info['model']}", show_header=False)
-    for key, value in info["architecture"].items():
-        facts.add_row(key, str(value))
-    for key, value in info["params"].items():
-        facts.add_row(f"params: {key}", f"{value:,}")
-    if info["experts"]:
-        cov = info["experts"]
-        facts.add_row("experts present", f"{cov['layers_with_experts']} layers x {cov['expected_per_layer']}"
-                      f" ({'complete' if cov['complete'] else 'INCOMPLETE'})")
-    console.print(facts)
-    plan = Table(title=f"recipe {info['recipe']['name']}: what quantize would do")
-    for column in ("role / scheme", "tensors", "params", "bits/weight"):
-        plan.add_column(column, justify="left" if column == "role / scheme" else "right")
-    for key, row in info["plan"].items():
-        plan.add_row(key, str(row["tensors"]), f"{row['params']:,}", f"{row['bits_per_weight']:.3f}")
-    console.print(plan)
-    console.print(f"estimated size {info['estimated_size_mb']:.2f} MiB (from {info['original_size_mb']:.2f} MiB)")
+    print_inspection(info)
 
 
 @app.command()
@@ -387,32 +319,6 @@ def _gptq_settings(calibration: Path | None, dataset: str | None, num_samples: i
     return replace(base, device=device)
 
 
-def print_calibration(meta: dict[str, Any]) -> None:
-    table = Table(title=f"calibration: {meta['model']}", show_header=False)
-    overlap = " (overlapping: the text is short)" if meta["overlapping_windows"] else ""
-    table.add_row("data", f"{meta['dataset']}: {meta['num_samples']} x {meta['seq_len']} tokens{overlap}")
-    table.add_row("mode", "all experts (statistics only)" if meta["all_experts"] else "routed, as the model does")
-    table.add_row("time / peak memory", f"{meta['seconds']:.1f} s / {meta['peak_rss_mb']:.0f} MiB")
-    console.print(table)
-    if meta["expert_routed_tokens"]:
-        experts = Table(title="tokens per routed expert (gate_up input)")
-        flag_column = f"< {meta['min_expert_tokens']}"
-        for column in ("site", "experts", "routed min / median / max", "observed min", flag_column):
-            experts.add_column(column, justify="left" if column == "site" else "right")
-        for site, routed in meta["expert_routed_tokens"].items():
-            if not site.endswith("gate_up_proj"):
-                continue
-            observed = meta["expert_tokens"][site]
-            ordered = sorted(routed)
-            flagged = sum(1 for t in observed if t < meta["min_expert_tokens"])
-            experts.add_row(site.removesuffix(".gate_up_proj"), str(len(routed)),
-                            f"{ordered[0]:,} / {ordered[len(ordered) // 2]:,} / {ordered[-1]:,}",
-                            f"{min(observed):,}", str(flagged))
-        console.print(experts)
-    for site, path in meta["plots"].items():
-        console.print(f"plot {site}: {path}")
-
-
 eval_app = typer.Typer(help="Evaluate models: perplexity, divergence from a base model, regression gate.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -485,21 +391,6 @@ def eval_perplexity(
         raise typer.Exit(1)
 
 
-def print_eval(result: dict[str, Any]) -> None:
-    table = Table(title=f"perplexity: {result['model']}", show_header=False)
-    stride = f", stride {result['stride']}" if result["stride"] else ""
-    table.add_row("protocol", f"{result['protocol']} (seq-len {result['seq_len']}{stride})")
-    table.add_row("dataset", result["dataset"])
-    table.add_row("windows / tokens scored", f"{result['windows']} / {result['tokens_scored']:,}")
-    table.add_row("perplexity", f"{result['ppl']:.4f}")
-    if result["base"]:
-        table.add_row("base perplexity", f"{result['base_ppl']:.4f}")
-        table.add_row("KL(base || model)", f"{result['kl']:.5f}")
-        table.add_row("top-1 agreement", f"{result['top1_agreement']:.4f}")
-    table.add_row("speed", f"{result['tokens_per_s']:.0f} tokens/s")
-    console.print(table)
-
-
 def parse_percent(text: str) -> float:
     """``"2%"`` or ``"2"`` -> 0.02."""
     try:
@@ -538,34 +429,13 @@ def presets(
         if as_json:
             console.print_json(json.dumps([{"tensors": t, "type": r} for t, r in type_rules]))
             return
-        rules_table = Table(title=f"{name}: llama.cpp tensor-type rules (first match wins)")
-        rules_table.add_column("tensors")
-        rules_table.add_column("type")
-        for tensors, rule in type_rules:
-            rules_table.add_row(tensors, rule)
-        console.print(rules_table)
+        print_preset_rules(name, type_rules)
         return
     if as_json:
         console.print_json(json.dumps({"recipes": {n: r.to_dict() for n, r in PRESETS.items()},
                                        "kquant": {n: dict(preset_rules(n)) for n in KQUANT_PRESETS}}))
         return
-    table = Table(title="presets (use --preset NAME)")
-    for column in ("name", "default", "rules", "ignore", "description"):
-        table.add_column(column)
-    for recipe_name, recipe in PRESETS.items():
-        rules = "\n".join(
-            f"{', '.join(r.patterns)} → {recipe.default.with_updates(**r.changes).describe()}" for r in recipe.rules
-        )
-        table.add_row(recipe_name, recipe.default.describe(), rules or "—", ", ".join(recipe.ignore),
-                      PRESET_DESCRIPTIONS.get(recipe_name, ""))
-    console.print(table)
-    summaries = preset_summaries()
-    kquant_table = Table(title="k-quant presets (llama.cpp llama_tensor_get_type)")
-    for column in summaries[0]:
-        kquant_table.add_column(column)
-    for summary in summaries:
-        kquant_table.add_row(*summary.values())
-    console.print(kquant_table)
+    print_presets(PRESETS, PRESET_DESCRIPTIONS, preset_summaries())
 
 
 def parse_size(text: str) -> int:
