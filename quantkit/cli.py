@@ -421,7 +421,8 @@ def presets(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named recipes and the k-quant presets with their llama.cpp tensor-type rules."""
-    from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules, preset_summaries
+    from quantkit.kquants.preset_sizes import preset_summaries
+    from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules
     from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
 
     if name is not None:

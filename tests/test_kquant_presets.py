@@ -13,16 +13,14 @@ from collections.abc import Sequence
 import pytest
 
 from quantkit.errors import QuantkitError
+from quantkit.kquants.preset_sizes import llama3_8b_tensors, mix_bits_per_weight, preset_summaries
 from quantkit.kquants.presets import (
     KQUANT_PRESETS,
     Assignment,
     TensorSpec,
     assign_types,
     fallback_type,
-    llama3_8b_tensors,
-    mix_bits_per_weight,
     preset_rules,
-    preset_summaries,
     use_more_bits,
 )
 

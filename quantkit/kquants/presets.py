@@ -30,7 +30,6 @@ which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. Differences from
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -340,12 +339,6 @@ def assign_types(
     return {t.name: chosen[t.name] for t in tensors}
 
 
-def mix_bits_per_weight(assignments: dict[str, Assignment], tensors: Sequence[TensorSpec]) -> float:
-    """Average storage bits per weight of ``tensors`` under ``assignments`` (kept tensors count as F32)."""
-    bits = sum(math.prod(spec.shape) * type_bits_per_weight(assignments[spec.name].type) for spec in tensors)
-    return bits / sum(math.prod(spec.shape) for spec in tensors)
-
-
 def preset_rules(preset: str) -> list[tuple[str, str]]:
     """(tensor pattern, type rule) rows describing ``preset`` (first match wins), for ``quantkit presets``."""
     p = KQUANT_PRESETS.get(preset)
@@ -372,37 +365,3 @@ def preset_rules(preset: str) -> list[tuple[str, str]]:
             "Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K/Q6_K -> Q8_0; F16 if not a multiple of 32",
         ),
     ]
-
-
-def llama3_8b_tensors() -> list[TensorSpec]:
-    """The tensor list of a Llama-3-8B GGUF: the shape llama-quantize's size notes refer to."""
-    hidden, kv, ffn, vocab = 4096, 1024, 14336, 128256
-    specs = [
-        TensorSpec("token_embd.weight", (vocab, hidden)),
-        TensorSpec("output.weight", (vocab, hidden)),
-        TensorSpec("output_norm.weight", (hidden,)),
-    ]
-    for i in range(32):
-        shapes = {
-            "attn_norm": (hidden,), "attn_q": (hidden, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden),
-            "attn_output": (hidden, hidden), "ffn_norm": (hidden,), "ffn_gate": (ffn, hidden),
-            "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn),
-        }
-        specs += [TensorSpec(f"blk.{i}.{name}.weight", shape) for name, shape in shapes.items()]
-    return specs
-
-
-def preset_summaries() -> list[dict[str, str]]:
-    """Every preset with its base type, bits per weight (alone and on Llama-3-8B) and the rules that set it apart."""
-    reference = llama3_8b_tensors()
-    summaries = []
-    for preset in PRESET_ORDER:
-        placed = assign_types(preset.name, reference, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)
-        rows = dict(preset_rules(preset.name))
-        rules = "\n".join(f"{pattern}: {rows[pattern]}" for pattern in (
-            "output.weight", "attn_v, attn_qkv, attn_kv_b", "attn_output", "ffn_down, ffn_down_exps, ffn_down_shexp"))
-        summaries.append({"preset": preset.name, "base": preset.base,
-                          "base bpw": f"{type_bits_per_weight(preset.base):.4g}",
-                          "bpw @ Llama-3-8B": f"{mix_bits_per_weight(placed, reference):.2f}",
-                          "llama.cpp note": preset.note, "rules": rules})
-    return summaries
