@@ -24,9 +24,9 @@ from typing import Any
 
 from quantkit.api import QuantizeOptions, quantize
 from quantkit.calib.artifact import load_calibration
-from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.eval.run import EvalSettings, run_perplexity
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
+from quantkit.ranges.selectors import RANGE_SELECTORS
 from quantkit.recipe import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]

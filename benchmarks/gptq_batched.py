@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from quantkit.gptq import GptqResult, HessianAccumulator, gptq_quantize
+from quantkit.gptq import HessianAccumulator
+from quantkit.schemes.gptq_solver import GptqResult, gptq_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gptq_batched.json"

@@ -29,7 +29,15 @@ from quantkit.plan import QuantPlan, TensorPlan, make_plan
 from quantkit.progress import StepProgress, track
 from quantkit.recipe import Recipe
 from quantkit.report.report import QuantReport, TensorRecord
-from quantkit.schemes import SCHEMES, BlockQuantized, IntQuantized, Quantized, SchemeConfig
+from quantkit.schemes import (
+    SCHEMES,
+    BlockQuantized,
+    GptqConfig,
+    IntConfig,
+    KquantConfig,
+    Quantized,
+    SchemeConfig,
+)
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import storage_dtype
 
@@ -98,14 +106,14 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         return _quantize_to_file(fmt, plan, calib, out, options, reads, report, started)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
-        if item.scheme is not None and item.scheme.activations == "static":
+        if isinstance(item.scheme, IntConfig) and item.scheme.activations == "static":
             assert calib is not None
-            _write_input_scale(item, weight, calib, plan, writer, record)
+            _write_input_scale(item, item.scheme, weight, calib, plan, writer, record)
         report.tensors.append(record)
-        if item.scheme is not None and item.scheme.method == "kquant":
+        if isinstance(item.scheme, KquantConfig):
             assert item.scheme.ggml_type is not None
             written.blocks[item.module] = (item.scheme.ggml_type, (item.shape[0], item.shape[1]))
-        elif item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
+        elif isinstance(item.scheme, IntConfig):
             written.integer[item.module] = item.scheme
         elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
             written.float_linears.append(item.module)
@@ -180,7 +188,7 @@ def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | N
             scheme = members[0].scheme if members else None
             role = members[0].role.value if members else "other"
             bytes_before = sum(_numel(m.shape) * m.dtype.itemsize for m in members)
-            if scheme is None or scheme.method != "kquant":
+            if not isinstance(scheme, KquantConfig):
                 ggml_type = gguf.GGMLQuantizationType.F16 if scheme is not None else gguf.GGMLQuantizationType.F32
                 stored = data.astype(np.float16 if scheme is not None else np.float32)
                 error = relative_error(torch.from_numpy(data), torch.from_numpy(stored.astype(np.float32)))
@@ -210,7 +218,7 @@ def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | N
             report.tensors.append(record)
             yield source.name, gguf.GGMLQuantizationType[scheme.ggml_type], packed
 
-    preset = plan.recipe.default.kquant_preset
+    preset = plan.recipe.default.kquant_preset if isinstance(plan.recipe.default, KquantConfig) else None
     file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
     with atomic_file(out, options.overwrite, is_previous=_is_quantkit_gguf, reads=reads, notes=report.notes) as tmp:
         gguf_export.write_gguf(tmp, checkpoint, tensors(), file_type=int(file_type))
@@ -254,14 +262,14 @@ def _importance(item: TensorPlan, calib: Calibration | None, plan: QuantPlan) ->
 
     Embeddings see token ids, not activations: like llama.cpp, they are quantized without importance.
     """
-    if calib is None or item.scheme is None or item.scheme.method != "kquant" or item.role == Role.EMBEDDING:
+    if calib is None or not isinstance(item.scheme, KquantConfig) or item.role == Role.EMBEDDING:
         return None, None
     return calib.importance(plan.arch, item.name)
 
 
 def _load_calibration(path: str | Path | None, checkpoint: Checkpoint, plan: QuantPlan) -> Calibration | None:
     """The calibration for ``checkpoint`` (checked to be of this model), or None when none is needed."""
-    static = [t.name for t in plan.tensors if t.scheme is not None and t.scheme.activations == "static"]
+    static = [t.name for t in plan.tensors if isinstance(t.scheme, IntConfig) and t.scheme.activations == "static"]
     if path is None:
         if static:
             raise QuantkitError(
@@ -274,12 +282,10 @@ def _load_calibration(path: str | Path | None, checkpoint: Checkpoint, plan: Qua
     return calibration
 
 
-def _write_input_scale(item: TensorPlan, weight: torch.Tensor, calib: Calibration, plan: QuantPlan,
-                       writer: TensorSink, record: TensorRecord) -> None:
+def _write_input_scale(item: TensorPlan, scheme: IntConfig, weight: torch.Tensor, calib: Calibration,
+                       plan: QuantPlan, writer: TensorSink, record: TensorRecord) -> None:
     """The static INT8 ``input_scale`` of one quantized linear, from its calibrated range."""
-    assert item.scheme is not None
-    amax, tokens, fallback = calib.input_amax(plan.arch, item.name, item.scheme.activation_range,
-                                              item.scheme.percentile)
+    amax, tokens, fallback = calib.input_amax(plan.arch, item.name, scheme.activation_range, scheme.percentile)
     scale = static_input_scale(amax, storage_dtype(weight))
     writer.add(f"{item.module}.input_scale", scale)
     record.bytes_after += scale.numel() * scale.element_size()
@@ -308,7 +314,7 @@ def _gptq_layers(
     pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
     windows = windows_for(checkpoint, data)
     states = pipeline.capture(windows.input_ids, data.batch_size)
-    schemes = {name: item.scheme for name, item in items.items() if item.scheme is not None}
+    schemes = {name: item.scheme for name, item in items.items() if isinstance(item.scheme, GptqConfig)}
     steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
     with StepProgress("GPTQ layers", steps, show_progress, console) as progress:
         yield from progress.track(gptq_layers(
@@ -337,9 +343,9 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fm
         name=item.name,
         role=item.role.value,
         scheme=quantized.config.describe(),
-        bits=scheme.bits if isinstance(quantized, IntQuantized) else _code_bits(quantized),
-        group_size=scheme.group_size,
-        granularity=scheme.granularity if isinstance(quantized, IntQuantized) else None,
+        bits=scheme.bits if isinstance(scheme, IntConfig) else _code_bits(quantized),
+        group_size=scheme.group_size if isinstance(scheme, IntConfig) else None,
+        granularity=scheme.granularity if isinstance(scheme, IntConfig) else None,
         shape=list(item.shape),
         dtype=str(item.dtype).removeprefix("torch."),
         bits_per_weight=quantized.bits_per_weight,

@@ -10,7 +10,6 @@ from typing import Any
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.plan import QuantPlan, TensorPlan, make_plan
 from quantkit.recipe import Recipe
-from quantkit.schemes.base import estimate_bits_per_weight
 
 
 def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
@@ -67,4 +66,4 @@ def _planned_bits(t: TensorPlan) -> float:
     dtype_bits = float(t.dtype.itemsize * 8)
     if t.scheme is None:
         return dtype_bits
-    return estimate_bits_per_weight(t.scheme, t.shape, scale_bits=int(dtype_bits))
+    return t.scheme.bits_per_weight(t.shape, scale_bits=int(dtype_bits))

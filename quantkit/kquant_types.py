@@ -17,7 +17,7 @@ from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallb
 from quantkit.model.archs.base import Role
 from quantkit.model.gguf_names import gguf_name
 from quantkit.recipe import pattern_matches
-from quantkit.schemes import SchemeConfig
+from quantkit.schemes import KquantConfig, SchemeConfig, make_config
 
 if TYPE_CHECKING:  # plan.py calls this module; at run time it only rebuilds plans with dataclasses.replace
     from quantkit.plan import QuantPlan, TensorPlan
@@ -28,21 +28,22 @@ PRESET_EXTRA_ROLES = (Role.EMBEDDING, Role.LM_HEAD)  # llama.cpp's presets quant
 def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
     """``plan`` with a concrete ``ggml_type`` on every kquant tensor (or a float scheme where rules say so)."""
     default = plan.recipe.default
-    kquant = [t for t in plan.tensors if t.scheme is not None and t.scheme.method == "kquant"]
-    if not kquant and default.method != "kquant":
+    kquant = [t for t in plan.tensors if isinstance(t.scheme, KquantConfig)]
+    if not kquant and not isinstance(default, KquantConfig):
         return plan
-    preset = default.kquant_preset
+    preset = default.kquant_preset if isinstance(default, KquantConfig) else None
     assignments: dict[str, Assignment] = {}
     if preset is not None:
         assignments = _preset_assignments(plan, preset)
     resolved: dict[str, tuple[SchemeConfig | None, str]] = {}
     for item in plan.tensors:
         scheme = item.scheme
-        candidate = scheme is not None and scheme.method == "kquant"
+        candidate = isinstance(scheme, KquantConfig)
         extra = preset is not None and scheme is None and item.role in PRESET_EXTRA_ROLES and len(item.shape) == 2
         if not (candidate or extra) or _ignored(plan, item):
             continue
-        base = scheme if scheme is not None else default
+        base = scheme if scheme is not None else default  # without a scheme: a preset's extra role
+        assert isinstance(base, KquantConfig)
         if base.ggml_type is not None:  # an explicit type (--type or a recipe rule): only the row fallback applies
             rule = plan.recipe.rule_for(item.name, item.role)
             by_rule = f"rule {', '.join(rule.patterns)}" if rule is not None and "ggml_type" in rule.changes else None
@@ -60,12 +61,12 @@ def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
     return replace(plan, sources=sources, type_rules=rules)
 
 
-def _scheme_of(base: SchemeConfig, type_name: str) -> SchemeConfig | None:
+def _scheme_of(base: KquantConfig, type_name: str) -> SchemeConfig | None:
     if type_name == "F32":
         return None
     if type_name == "F16":
-        return SchemeConfig(method="fp16")
-    return replace(base, method="kquant", ggml_type=type_name)
+        return make_config("fp16")
+    return replace(base, ggml_type=type_name)
 
 
 def _ignored(plan: QuantPlan, item: TensorPlan) -> bool:

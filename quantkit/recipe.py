@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from quantkit.recipe_schema import (
     show_value,
     validate_recipe,
 )
-from quantkit.schemes import SchemeConfig
+from quantkit.schemes import SchemeConfig, make_config
 
 FLOAT = "float"  # a rule's method that keeps its tensors in float
 
@@ -122,11 +123,10 @@ class Recipe:
         return Recipe(self.default, self.rules, (*self.ignore, *patterns), self.name, self.version)
 
     def to_dict(self) -> dict[str, Any]:
-        default = {k: v for k, v in vars(self.default).items() if v is not None}
         return {
             "version": self.version,
             "name": self.name,
-            "default": default,
+            "default": self.default.to_dict(),
             "rules": [{"match": list(r.patterns), **r.changes} for r in self.rules],
             "ignore": list(self.ignore),
         }
@@ -163,8 +163,7 @@ def load_recipe(path: Path) -> Recipe:
 def recipe_from_dict(data: Any, name: str = "custom") -> Recipe:
     """A recipe from parsed YAML/JSON; one-line errors name the offending field."""
     validate_recipe(data)
-    default = SchemeConfig(method=data["default"]["method"]).with_updates(**data["default"])
-    _check_scheme(default, "default")
+    default = _checked_scheme(lambda: make_config(**data["default"]), "default")
     rules = []
     for i, raw in enumerate(data.get("rules") or []):
         patterns = raw["match"] if isinstance(raw["match"], list) else [raw["match"]]
@@ -281,18 +280,21 @@ def _check_nesting(data: Any) -> None:
         stack.extend((child, depth + 1) for child in (value.values() if is_dict else value))
 
 
-def _check_scheme(config: SchemeConfig, where: str) -> None:
+def _checked_scheme(make: Callable[[], SchemeConfig], where: str) -> SchemeConfig:
+    """The scheme ``make`` builds, validated; errors name ``where`` (the default, a rule)."""
     try:
+        config = make()
         config.validate()
     except QuantkitError as exc:
         raise QuantkitError(f"{where}: {exc}") from None
+    return config
 
 
 def _check_rule_scheme(rule: Rule, default: SchemeConfig, where: str) -> None:
     """The default updated with the rule's fields must be a valid scheme (unless the rule keeps float)."""
     if rule.changes.get("method") == FLOAT:
         return
-    _check_scheme(default.with_updates(**rule.changes), where)
+    _checked_scheme(lambda: default.with_updates(**rule.changes), where)
 
 
 PRESETS: dict[str, Recipe] = {
@@ -340,7 +342,7 @@ DEFAULT_PRESET = "int8"
 def get_preset(name: str) -> Recipe:
     """A named recipe, or a k-quant preset (``Q4_K_M``: llama.cpp's per-tensor type rules)."""
     if name in KQUANT_PRESETS:
-        return Recipe(SchemeConfig(method="kquant", kquant_preset=name), name=name)
+        return Recipe(make_config("kquant", kquant_preset=name), name=name)
     if name not in PRESETS:
         raise QuantkitError(f"unknown preset {name!r}; presets: {', '.join([*PRESETS, *KQUANT_PRESETS])}")
     return PRESETS[name]

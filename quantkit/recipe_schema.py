@@ -14,13 +14,13 @@ from typing import Any, Literal, get_args
 
 import regex
 
-from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
 from quantkit.kquants import BLOCK_FORMATS
 from quantkit.kquants.presets import KQUANT_PRESETS
 from quantkit.model.archs.base import Role
-from quantkit.schemes import SCHEMES, SchemeConfig
-from quantkit.schemes.base import ACTIVATION_MODES, MAX_BITS, MIN_BITS, WEIGHT_CLIPS, Granularity, RangeMode
+from quantkit.ranges.selectors import RANGE_SELECTORS
+from quantkit.schemes import SCHEMES
+from quantkit.schemes.config import ACTIVATION_MODES, MAX_BITS, MIN_BITS, WEIGHT_CLIPS, Granularity, RangeMode
 
 RECIPE_VERSION = 1
 MAX_RECIPE_BYTES = 1_000_000
@@ -39,7 +39,12 @@ _KINDS: dict[Kind, tuple[str, str, Callable[[Any], bool]]] = {  # kind -> (noun,
     "bool": ("true or false", "boolean", lambda v: isinstance(v, bool)),
     "str": ("a string", "string", lambda v: isinstance(v, str)),
 }
-_SCHEME_DEFAULTS = {f.name: f.default for f in fields(SchemeConfig)}
+_SCHEME_DEFAULTS: dict[str, Any] = {}  # setting -> its default (the same in every method that has it)
+_METHODS_OF: dict[str, list[str]] = {}  # setting -> the methods whose config has it
+for _method in SCHEMES:
+    for _field in fields(SCHEMES.get(_method).config_type):
+        _SCHEME_DEFAULTS.setdefault(_field.name, _field.default)
+        _METHODS_OF.setdefault(_field.name, []).append(_method)
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
                 choices=get_args(Granularity)),
     SchemeField("group_size", "int", "Weights per scale along a row; setting it implies `granularity: group`.",
                 interval=Interval(1), nullable=True, hint="use granularity: channel for one scale per row"),
-    SchemeField("range", "str", "absmax code range: `restricted` is symmetric, `full` adds the lowest code.",
+    SchemeField("range", "str", "The code range: `restricted` is symmetric, `full` adds the lowest code.",
                 choices=get_args(RangeMode)),
     SchemeField("clip", "str", "Weight clipping per channel or group.", choices=WEIGHT_CLIPS),
     SchemeField("percentile", "number", "Percentile kept by `clip: percentile` and `activation_range: percentile`.",
@@ -107,15 +112,15 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
     SchemeField("activations", "str", "INT8 input activations: `none` is weight-only.", choices=ACTIVATION_MODES),
     SchemeField("activation_range", "str", "How static activation scales are chosen from calibration.",
                 choices=RANGE_SELECTORS),
-    SchemeField("symmetric", "bool", "gptq: absmax grid instead of zero points."),
-    SchemeField("act_order", "bool", "gptq: quantize columns in decreasing order of the Hessian diagonal."),
-    SchemeField("static_groups", "bool", "gptq: fix group parameters before the act-order permutation."),
-    SchemeField("damp", "number", "gptq: dampening added to the Hessian diagonal, as a fraction of its mean.",
+    SchemeField("symmetric", "bool", "An absmax grid instead of zero points."),
+    SchemeField("act_order", "bool", "Quantize columns in decreasing order of the Hessian diagonal."),
+    SchemeField("static_groups", "bool", "Fix group parameters before the act-order permutation."),
+    SchemeField("damp", "number", "Dampening added to the Hessian diagonal, as a fraction of its mean.",
                 interval=Interval(0, 1, open_low=True, open_high=True)),
-    SchemeField("block_size", "int", "gptq: columns per lazy batch update.", interval=Interval(1)),
-    SchemeField("ggml_type", "str", "kquant: one ggml block type for every weight.", choices=BLOCK_FORMATS,
+    SchemeField("block_size", "int", "Columns per lazy batch update.", interval=Interval(1)),
+    SchemeField("ggml_type", "str", "One ggml block type for every weight.", choices=BLOCK_FORMATS,
                 nullable=True),
-    SchemeField("kquant_preset", "str", "kquant: llama.cpp preset choosing each tensor's block type.",
+    SchemeField("kquant_preset", "str", "The llama.cpp preset choosing each tensor's block type.",
                 choices=KQUANT_PRESETS, nullable=True),
 )
 _BY_NAME = {spec.name: spec for spec in SCHEME_FIELDS}
@@ -253,12 +258,21 @@ def render_reference() -> str:
         "",
         "### Scheme fields (in `default` and in each rule)",
         "",
-        "| field | type | allowed values | default | description |",
-        "|---|---|---|---|---|",
-        *(f"| `{f.name}` | {_type_column(f)} | {_allowed_column(f)} | {_default_column(f)} | {f.description} |"
-          for f in SCHEME_FIELDS),
+        "Each method has its own settings; a field the method does not have is refused (`bits` with",
+        "`method: kquant`, say). A rule that changes the method keeps the default's settings both methods have.",
+        "",
+        "| field | methods | type | allowed values | default | description |",
+        "|---|---|---|---|---|---|",
+        *(f"| `{f.name}` | {_methods_column(f)} | {_type_column(f)} | {_allowed_column(f)} | {_default_column(f)} "
+          f"| {f.description} |" for f in SCHEME_FIELDS),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _methods_column(spec: SchemeField) -> str:
+    if spec.name == "method":
+        return "all"
+    return ", ".join(_METHODS_OF[spec.name])
 
 
 def _type_column(spec: SchemeField) -> str:

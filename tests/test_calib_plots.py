@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantkit.calib.histogram import AbsHistogram
 from quantkit.calib.plots import plot_ranges
-from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
+from quantkit.ranges.histogram import AbsHistogram
+from quantkit.ranges.selectors import RANGE_SELECTORS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,7 +59,7 @@ def test_matplotlib_is_imported_only_when_plotting(tmp_path: Path) -> None:
         "from pathlib import Path\n"
         "import torch\n"
         "import quantkit, quantkit.calib.plots\n"
-        "from quantkit.calib.histogram import AbsHistogram\n"
+        "from quantkit.ranges.histogram import AbsHistogram\n"
         "assert 'matplotlib' not in sys.modules, 'imported too early'\n"
         "hist = AbsHistogram()\n"
         "hist.observe(torch.randn(1000))\n"

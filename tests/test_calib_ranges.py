@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 import torch
 
-from quantkit.calib import RANGE_SELECTORS, AbsHistogram
-from quantkit.calib import ranges as ranges_module
 from quantkit.errors import QuantkitError
+from quantkit.ranges import RANGE_SELECTORS, AbsHistogram
+from quantkit.ranges import selectors as ranges_module
 
 Batches = list[torch.Tensor]
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.gptq import GptqResult, HessianAccumulator, gptq_quantize
-from quantkit.schemes import SCHEMES, IntQuantized, SchemeConfig
+from quantkit.gptq import HessianAccumulator
+from quantkit.schemes import SCHEMES, IntQuantized, make_config
+from quantkit.schemes.gptq_solver import GptqResult, gptq_quantize
 
 # --- A literal port of IST-DASLab/gptq for one nn.Linear weight [out, in], float32 on CPU: quant.py's
 # quantize / Quantizer (perchannel, weight=True; the ternary branch left out) and gptq.py's
@@ -239,7 +240,8 @@ def gaussian_weight(rows: int, columns: int, seed: int, dtype: torch.dtype = tor
 
 def rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip: str = "minmax") -> IntQuantized:
     """quantkit's round-to-nearest on the grid GPTQ uses."""
-    config = SchemeConfig(method="absmax" if symmetric else "zeropoint", bits=bits, range="full", clip=clip)
+    grid = {"method": "absmax", "range": "full"} if symmetric else {"method": "zeropoint"}
+    config = make_config(**grid, bits=bits, clip=clip)
     config = config.with_updates(group_size=group_size)
     result = SCHEMES.get(config.method).quantize(weight, config)
     assert isinstance(result, IntQuantized)

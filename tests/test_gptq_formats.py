@@ -23,8 +23,7 @@ from quantkit.formats.load import dequantized_state, load_quantized
 from quantkit.formats.packing import unpack_int32
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
-from quantkit.schemes import SCHEMES, IntQuantized
-from quantkit.schemes.base import SchemeConfig
+from quantkit.schemes import SCHEMES, IntConfig, IntQuantized, make_config
 from tests.conftest import build_model, save_model
 
 BITS = [2, 3, 4, 8]
@@ -59,7 +58,7 @@ def random_quantized(
     zero = None if symmetric else torch.randint(
         qmin if lowest_zero else qmin + 1, qmax + 1, (out_features, n_groups), generator=g, dtype=torch.int8
     )
-    config = SchemeConfig(method="gptq", bits=bits, granularity="group" if group_size else "channel",
+    config = make_config("gptq", bits=bits, granularity="group" if group_size else "channel",
                           group_size=group_size, symmetric=symmetric, act_order=act_order)
     g_idx = act_order_g_idx(in_features, group_size, seed) if act_order and group_size else None
     return IntQuantized(codes, scale, zero, config, g_idx)
@@ -240,8 +239,9 @@ def test_v1_decode_equals_autogptq_dequantization(bits: int, symmetric: bool, ac
 def test_v1_decode_equals_scheme_dequantization(method: str, granularity: str) -> None:
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(torch.float16) * 0.05
     name, _, rng = method.partition("-")
-    config = SchemeConfig(method=name, bits=4, granularity=granularity,  # type: ignore[arg-type]
-                          group_size=32 if granularity == "group" else None, range="full" if rng else "restricted")
+    grid_range = {"range": "full" if rng else "restricted"} if name == "absmax" else {}
+    config = make_config(name, bits=4, granularity=granularity, group_size=32 if granularity == "group" else None,
+                         **grid_range)
     quantized = SCHEMES.get(name).quantize(weight, config)
     assert isinstance(quantized, IntQuantized)
     tensors = parts(gptq_v1.encode("m", quantized), "m")
@@ -352,8 +352,8 @@ def test_both_formats_decode_identically(bits: int, symmetric: bool, act_order: 
 # --- GPTQ quantization_config and the loader ---------------------------------------------------
 
 def test_quantization_config_base_dynamic_and_float_modules() -> None:
-    g128 = SchemeConfig(method="gptq", bits=4, granularity="group", group_size=128, act_order=True, damp=0.02)
-    eight = SchemeConfig(method="absmax", bits=8, granularity="channel")
+    g128 = make_config("gptq", bits=4, granularity="group", group_size=128, act_order=True, damp=0.02)
+    eight = make_config("absmax", bits=8, granularity="channel")
     assignments = {f"model.layers.{i}.mlp.experts.{e}.{p}": g128 for i in range(2) for e in range(4)
                    for p in ("gate_proj", "up_proj", "down_proj")}
     assignments |= {f"model.layers.{i}.self_attn.{p}": eight for i in range(2) for p in ("q_proj", "o_proj")}
@@ -416,10 +416,10 @@ def test_load_quantized_reads_a_gptq_moe_model(tmp_path: Path) -> None:
     source = save_model(build_model("qwen2_moe").to(torch.float16), tmp_path / "source")
     checkpoint = Checkpoint.open(source)
     arch = get_arch("qwen2_moe")
-    config_g = SchemeConfig(method="zeropoint", bits=4, granularity="group", group_size=32)
-    config_c = SchemeConfig(method="absmax", bits=8, granularity="channel")
+    config_g = make_config("zeropoint", bits=4, granularity="group", group_size=32)
+    config_c = make_config("absmax", bits=8, granularity="channel")
     tensors: dict[str, torch.Tensor] = {}
-    assignments: dict[str, SchemeConfig] = {}
+    assignments: dict[str, IntConfig] = {}
     floats: list[str] = []
     expected: dict[str, torch.Tensor] = {}
     for name in checkpoint.tensors:

@@ -17,7 +17,7 @@ from quantkit.model.experts import install_eager_experts, is_fused_experts
 from quantkit.pipeline import LayerPipeline
 from quantkit.plan import make_plan
 from quantkit.recipe import get_preset
-from quantkit.schemes import SCHEMES, SchemeConfig
+from quantkit.schemes import SCHEMES, make_config
 from tests.conftest import build_model, copy_tokenizer, save_model, starved_deepseek
 
 GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 16}
@@ -25,8 +25,8 @@ GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 16}
 
 def test_gptq_without_a_hessian_is_round_to_nearest() -> None:
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
-    gptq = SCHEMES.get("gptq").quantize(weight, SchemeConfig("gptq", bits=4).with_updates(group_size=16))
-    rtn = SCHEMES.get("zeropoint").quantize(weight, SchemeConfig("zeropoint", bits=4).with_updates(group_size=16))
+    gptq = SCHEMES.get("gptq").quantize(weight, make_config("gptq", bits=4).with_updates(group_size=16))
+    rtn = SCHEMES.get("zeropoint").quantize(weight, make_config("zeropoint", bits=4).with_updates(group_size=16))
     assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scale, rtn.scale)
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from quantkit.cli import app
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.plan import QuantPlan
-from quantkit.schemes import SCHEMES, IntQuantized, Quantized, SchemeConfig
+from quantkit.schemes import SCHEMES, IntQuantized, Quantized, make_config
 
 
 class NpySink:
@@ -75,7 +75,7 @@ def test_a_registered_toy_format_is_written_end_to_end(tiny_models: dict[str, Pa
     codes = torch.from_numpy(np.load(out / f"{module}.codes.npy"))
     scale = torch.from_numpy(np.load(out / f"{module}.scale.npy"))
     weight = load_file(str(tiny_models["olmoe"] / "model.safetensors"))[f"{module}.weight"]
-    expected = SCHEMES.get("absmax").quantize(weight, SchemeConfig(method="absmax", bits=8))
+    expected = SCHEMES.get("absmax").quantize(weight, make_config("absmax", bits=8))
     assert isinstance(expected, IntQuantized)
     assert torch.equal(codes, expected.codes) and torch.equal(scale, expected.scale)
     assert (out / "model.norm.weight.npy").is_file()  # float tensors go through the same sink

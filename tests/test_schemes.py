@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.schemes import SCHEMES, CastTensor, IntQuantized, SchemeConfig
-from quantkit.schemes.base import estimate_bits_per_weight
+from quantkit.schemes import SCHEMES, CastTensor, IntQuantized, make_config
 from quantkit.schemes.grid import absmax_range
 
 
@@ -19,7 +18,7 @@ def gaussian(shape: tuple[int, int] = (64, 256), seed: int = 0, dtype: torch.dty
 
 
 def quantize(weight: torch.Tensor, **kwargs: object) -> IntQuantized:
-    config = SchemeConfig(method=str(kwargs.pop("method"))).with_updates(**kwargs)
+    config = make_config(str(kwargs.pop("method"))).with_updates(**kwargs)
     config.validate()
     result = SCHEMES.get(config.method).quantize(weight, config)
     assert isinstance(result, IntQuantized)
@@ -119,13 +118,13 @@ def test_bits_per_weight_counts_scales_and_zero_points(
     w = gaussian(dtype=dtype)
     q = quantize(w, method=method, bits=bits, group_size=group_size)
     assert q.bits_per_weight == pytest.approx(expected)
-    assert estimate_bits_per_weight(q.config, (64, 256), dtype.itemsize * 8) == pytest.approx(expected)
+    assert q.config.bits_per_weight((64, 256), dtype.itemsize * 8) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(("method", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_cast_schemes(method: str, dtype: torch.dtype) -> None:
     w = gaussian()
-    result = SCHEMES.get(method).quantize(w, SchemeConfig(method=method))
+    result = SCHEMES.get(method).quantize(w, make_config(method))
     assert isinstance(result, CastTensor)
     assert result.tensor.dtype == dtype and result.bits_per_weight == 16
     assert torch.equal(result.dequantize(), w.to(dtype))
@@ -140,11 +139,11 @@ def test_all_zero_weight_quantizes_to_zero() -> None:
 @pytest.mark.parametrize("bits", [1, 9, 16])
 def test_bits_out_of_range_rejected(bits: int) -> None:
     with pytest.raises(QuantkitError, match="bits must be between 2 and 8"):
-        SchemeConfig(method="absmax", bits=bits).validate()
+        make_config("absmax", bits=bits).validate()
 
 
 def test_group_size_must_divide_the_row() -> None:
-    config = SchemeConfig(method="zeropoint").with_updates(group_size=48)
+    config = make_config("zeropoint").with_updates(group_size=48)
     with pytest.raises(QuantkitError, match=r"layer\.weight: group size 48 does not divide its row length 64"):
         config.check_shape("layer.weight", (8, 64))
 

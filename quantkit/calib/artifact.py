@@ -31,14 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quantkit.calib import imatrix
-from quantkit.calib.histogram import AbsHistogram
 from quantkit.calib.observers import SiteStats, Statistics
-from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
 from quantkit.jsonfile import read_json_object
 from quantkit.model.archs.base import ArchSpec
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.outputs import CALIBRATION_FILE, save_safetensors
+from quantkit.ranges.histogram import AbsHistogram
+from quantkit.ranges.selectors import RANGE_SELECTORS
 
 CALIBRATION_VERSION = 1
 METADATA_FILE = CALIBRATION_FILE

@@ -4,7 +4,7 @@ A *site* is one linear input: a plain linear module (``model.layers.0.self_attn.
 or one fused expert parameter (``model.layers.1.mlp.experts.gate_up_proj``, whose experts
 ``e`` each see their own tokens). Per site and expert we keep:
 
-- an |x| histogram (:class:`~quantkit.calib.histogram.AbsHistogram`, 2048 bins, extended
+- an |x| histogram (:class:`~quantkit.ranges.histogram.AbsHistogram`, 2048 bins, extended
   at the same width) with the signed min/max;
 - the per-input-channel sum of x^2 and the number of tokens: the importance vector
   llama.cpp's imatrix stores (``in_sum2`` and ``counts``) and the diagonal of GPTQ's Hessian.
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.calib.histogram import DEFAULT_BINS, AbsHistogram
 from quantkit.errors import QuantkitError
 from quantkit.model.archs.base import QUANTIZABLE_ROLES, ArchSpec
 from quantkit.model.experts import ExpertTap, is_fused_experts, tap_experts
+from quantkit.ranges.histogram import DEFAULT_BINS, AbsHistogram
 
 
 @dataclass

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from quantkit.calib.histogram import AbsHistogram
 from quantkit.errors import QuantkitError
+from quantkit.ranges.histogram import AbsHistogram
 
 
 def plot_ranges(hist: AbsHistogram, ranges: dict[str, float], title: str, path: Path) -> Path:

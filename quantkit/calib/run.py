@@ -17,7 +17,6 @@ from quantkit.calib.artifact import PLOTS_DIR, Calibration, save_calibration, st
 from quantkit.calib.data import DEFAULT_SOURCE, calibration_windows
 from quantkit.calib.imatrix import is_imatrix_gguf
 from quantkit.calib.observers import LayerTaps, SiteStats, Statistics
-from quantkit.calib.ranges import RANGE_SELECTORS
 from quantkit.errors import QuantkitError
 from quantkit.model.archs.base import QUANTIZABLE_ROLES
 from quantkit.model.checkpoint import Checkpoint
@@ -26,6 +25,7 @@ from quantkit.model.tokenizer import check_token_ids, load_tokenizer
 from quantkit.outputs import atomic_directory, atomic_file
 from quantkit.pipeline import LayerPipeline
 from quantkit.progress import track
+from quantkit.ranges.selectors import RANGE_SELECTORS
 from quantkit.version import versions
 
 DEFAULT_MIN_EXPERT_TOKENS = 16

@@ -40,7 +40,9 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.formats.packing import pack_int32, unpack_int32
-from quantkit.schemes.base import ACTIVATION_BITS, IntQuantized, Quantized, SchemeConfig, dequantize_codes
+from quantkit.schemes.base import IntQuantized, Quantized, dequantize_codes
+from quantkit.schemes.config import ACTIVATION_BITS, IntConfig
+from quantkit.schemes.gptq import GptqConfig
 
 if TYPE_CHECKING:
     from quantkit.plan import QuantPlan
@@ -68,14 +70,10 @@ def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
     return out
 
 
-def group_actorder(config: SchemeConfig) -> bool:
+def group_actorder(config: IntConfig) -> bool:
     """Whether ``config`` makes non-contiguous groups (GPTQ act-order without static groups)."""
-    return config.act_order and config.granularity == "group" and not config.static_groups
-
-
-def is_symmetric(config: SchemeConfig) -> bool:
-    """Whether ``config`` quantizes without zero points (absmax, or GPTQ on the symmetric grid)."""
-    return config.method == "absmax" or (config.method == "gptq" and config.symmetric)
+    return (isinstance(config, GptqConfig) and config.act_order and config.granularity == "group"
+            and not config.static_groups)
 
 
 def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:
@@ -134,23 +132,23 @@ def decode(tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> torch.Tens
     return dequantize_codes(codes, scale, zero_point, int(group_size) if group_size else None, g_idx)
 
 
-def weight_args(config: SchemeConfig) -> dict[str, Any]:
+def weight_args(config: IntConfig) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` for one scheme."""
     args: dict[str, Any] = {
         "num_bits": config.bits,
         "type": "int",
-        "symmetric": is_symmetric(config),
+        "symmetric": not config.writes_zero_points,
         "group_size": config.group_size if config.granularity == "group" else None,
         "strategy": config.granularity,
         "dynamic": False,
         "observer": "minmax",
     }
-    if config.act_order:  # absent otherwise, as compressed-tensors serializes None
+    if isinstance(config, GptqConfig) and config.act_order:  # absent otherwise, as compressed-tensors serializes None
         args["actorder"] = "group" if group_actorder(config) else "weight"
     return args
 
 
-def input_activation_args(config: SchemeConfig) -> dict[str, Any] | None:
+def input_activation_args(config: IntConfig) -> dict[str, Any] | None:
     """compressed-tensors ``QuantizationArgs`` for the inputs (None for weight-only schemes)."""
     if config.activations == "none":
         return None
@@ -166,7 +164,7 @@ def input_activation_args(config: SchemeConfig) -> dict[str, Any] | None:
     }
 
 
-def quantization_config(assignments: dict[str, SchemeConfig], float_modules: list[str]) -> dict[str, Any]:
+def quantization_config(assignments: dict[str, IntConfig], float_modules: list[str]) -> dict[str, Any]:
     """``quantization_config`` for ``config.json``: module name -> scheme, plus modules left float."""
     by_args: dict[str, list[str]] = defaultdict(list)
     for module, config in assignments.items():

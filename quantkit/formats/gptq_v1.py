@@ -52,13 +52,13 @@ from quantkit.formats.compressed_tensors import (
     compact_targets,
     contiguous_g_idx,
     group_actorder,
-    is_symmetric,
     validate_g_idx,
 )
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.formats.packing import pack_int32, unpack_int32
-from quantkit.schemes import SCHEMES
-from quantkit.schemes.base import IntQuantized, Quantized, SchemeConfig, dequantize_codes
+from quantkit.schemes.base import IntQuantized, Quantized, dequantize_codes
+from quantkit.schemes.config import IntConfig
+from quantkit.schemes.gptq import GptqConfig
 from quantkit.version import __version__
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def _per_group(quantized: IntQuantized) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
-def module_key(config: SchemeConfig) -> tuple[int, int, bool, bool]:
+def module_key(config: IntConfig) -> tuple[int, int, bool, bool]:
     """``(bits, group_size, sym, desc_act)`` of one scheme, as GPTQ configs spell them.
 
     ``group_size`` is -1 per channel (and per tensor, written per channel). ``desc_act`` is set
@@ -170,11 +170,11 @@ def module_key(config: SchemeConfig) -> tuple[int, int, bool, bool]:
     loaders to honour ``g_idx``; act-order with static groups has contiguous groups.
     """
     group_size = config.group_size if config.granularity == "group" and config.group_size else -1
-    return (config.bits, group_size, is_symmetric(config), group_actorder(config))
+    return (config.bits, group_size, not config.writes_zero_points, group_actorder(config))
 
 
 def quantization_config(
-    assignments: dict[str, SchemeConfig], float_modules: list[str], *, true_sequential: bool = True
+    assignments: dict[str, IntConfig], float_modules: list[str], *, true_sequential: bool = True
 ) -> dict[str, Any]:
     """``quantization_config`` for ``config.json`` (also the content of ``quantize_config.json``).
 
@@ -193,6 +193,7 @@ def quantization_config(
     counts = Counter(keys.values())
     base = max(counts, key=lambda key: counts[key])  # ties: the first in module-name order
     representative = assignments[next(m for m, key in keys.items() if key == base)]
+    solver = representative if isinstance(representative, GptqConfig) else GptqConfig("gptq")  # its defaults
     universe = list(assignments) + list(float_modules)
     dynamic: dict[str, dict[str, Any]] = {}
     for target in compact_targets(float_modules, universe) if float_modules else []:
@@ -209,8 +210,8 @@ def quantization_config(
         "group_size": group_size,
         "desc_act": desc_act,
         "sym": sym,
-        "static_groups": representative.static_groups,
-        "damp_percent": representative.damp,
+        "static_groups": solver.static_groups,
+        "damp_percent": solver.damp,
         "true_sequential": true_sequential,
         "lm_head": "lm_head" in assignments,
         "pack_dtype": "int32",
@@ -258,9 +259,9 @@ class GptqV1Format(DirectoryFormat):
     def check(self, plan: QuantPlan) -> None:
         refuse_kquants(plan, self.name)
         for item in plan.tensors:
-            if item.scheme is None or not SCHEMES.get(item.scheme.method).integer:
+            if not isinstance(item.scheme, IntConfig):
                 continue
-            if item.scheme.method != "gptq" or item.scheme.activations != "none":
+            if not isinstance(item.scheme, GptqConfig) or item.scheme.activations != "none":
                 raise QuantkitError(f"--format gptq-v1 holds GPTQ weights only; {item.name} is "
                                     f"{item.scheme.describe()}")
             check_shape(item.name, item.shape, item.scheme.bits)

@@ -19,7 +19,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.sharded import ShardedWriter
 from quantkit.registry import Registry
-from quantkit.schemes import SCHEMES, CastTensor, Quantized, SchemeConfig
+from quantkit.schemes import CastTensor, IntConfig, KquantConfig, Quantized
 
 if TYPE_CHECKING:
     from quantkit.plan import QuantPlan
@@ -41,7 +41,7 @@ class TensorSink(Protocol):
 class WrittenWeights:
     """What a run stored, by kind, for the format's ``quantization_config``."""
 
-    integer: dict[str, SchemeConfig] = field(default_factory=dict)  # module -> integer scheme
+    integer: dict[str, IntConfig] = field(default_factory=dict)  # module -> integer scheme
     blocks: dict[str, tuple[str, tuple[int, int]]] = field(default_factory=dict)  # module -> (ggml type, shape)
     float_linears: list[str] = field(default_factory=list)  # linears left in float
 
@@ -95,7 +95,7 @@ def resolve_output_format(requested: str, plan: QuantPlan) -> OutputFormat:
 
 
 def has_kquants(plan: QuantPlan) -> bool:
-    return any(t.scheme is not None and t.scheme.method == "kquant" for t in plan.tensors)
+    return any(isinstance(t.scheme, KquantConfig) for t in plan.tensors)
 
 
 def refuse_kquants(plan: QuantPlan, format_name: str) -> None:
@@ -108,6 +108,6 @@ def refuse_integer_schemes(plan: QuantPlan, format_name: str) -> None:
     if not has_kquants(plan):
         raise QuantkitError(f"--format {format_name} holds k-quant weights: use --method kquant")
     for item in plan.tensors:
-        if item.scheme is not None and SCHEMES.get(item.scheme.method).integer:
+        if isinstance(item.scheme, IntConfig):
             raise QuantkitError(f"--format {format_name} holds k-quant and float weights only; "
                                 f"{item.name} is {item.scheme.describe()}")

@@ -1,6 +1,9 @@
-"""GPTQ (Frantar et al., 2022) as pure functions: Hessian accumulation and the solver, batched over experts."""
+"""The GPTQ pipeline: Hessians accumulated layer by layer and the expert solves of each layer.
+
+The solver itself is pure math on one (batched) weight and lives with its scheme,
+:mod:`quantkit.schemes.gptq_solver`.
+"""
 
 from quantkit.gptq.hessian import HessianAccumulator
-from quantkit.gptq.solver import GptqResult, gptq_quantize
 
-__all__ = ["GptqResult", "HessianAccumulator", "gptq_quantize"]
+__all__ = ["HessianAccumulator"]

@@ -32,10 +32,11 @@ from torch import nn
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
 from quantkit.gptq.hessian import HessianAccumulator
-from quantkit.gptq.solver import GptqResult, gptq_quantize
 from quantkit.model.experts import is_fused_experts
 from quantkit.pipeline import LayerPipeline, LayerStates
-from quantkit.schemes.base import IntQuantized, SchemeConfig, storage_dtype
+from quantkit.schemes.base import IntQuantized, storage_dtype
+from quantkit.schemes.gptq import GptqConfig
+from quantkit.schemes.gptq_solver import GptqResult, gptq_quantize
 
 
 @dataclass
@@ -62,7 +63,7 @@ class LayerResult:
 def gptq_layers(
     pipeline: LayerPipeline,
     states: LayerStates,
-    schemes: dict[str, SchemeConfig],
+    schemes: dict[str, GptqConfig],
     *,
     all_experts: bool = False,
     min_expert_tokens: int = 16,
@@ -141,7 +142,7 @@ def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, s
 class _Solver:
     """Hessians and GPTQ solves for the sites of one layer at a time."""
 
-    def __init__(self, pipeline: LayerPipeline, schemes: dict[str, SchemeConfig], all_experts: bool,
+    def __init__(self, pipeline: LayerPipeline, schemes: dict[str, GptqConfig], all_experts: bool,
                  min_expert_tokens: int, scale_dtype: torch.dtype | None, max_memory: int | None,
                  on_step: Callable[[str], None] | None) -> None:
         self.pipeline, self.arch, self.schemes = pipeline, pipeline.arch, schemes
@@ -261,7 +262,7 @@ class _Solver:
             raise QuantkitError(f"{site} received no calibration input")
         return accumulators[site]
 
-    def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: SchemeConfig, name: str) -> GptqResult:
+    def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: GptqConfig, name: str) -> GptqResult:
         """GPTQ with ``scheme``'s options; scales rounded to the on-disk dtype of ``name``."""
         return gptq_quantize(
             weight, hessian, bits=scheme.bits, group_size=scheme.group_size if scheme.granularity == "group" else None,
@@ -286,7 +287,7 @@ def _slice_rows(result: GptqResult, start: int, stop: int) -> GptqResult:
                       config=result.config)
 
 
-def _record(name: str, original: torch.Tensor, result: GptqResult, scheme: SchemeConfig, tokens: int,
+def _record(name: str, original: torch.Tensor, result: GptqResult, scheme: GptqConfig, tokens: int,
             fallback: str | None) -> GptqWeight:
     quantized = IntQuantized(codes=result.codes, scale=result.scale, zero_point=result.zero_point, config=scheme,
                              g_idx=result.g_idx)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, SchemeConfig, group_view, scale_shape, storage_dtype
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_view, scale_shape, storage_dtype
+from quantkit.schemes.config import AbsmaxConfig
 from quantkit.schemes.grid import Grid
 
 
-class AbsmaxScheme(Scheme):
+class AbsmaxScheme(Scheme[AbsmaxConfig]):
+    config_type = AbsmaxConfig
+
     def quantize(
-        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+        self, weight: torch.Tensor, config: AbsmaxConfig, importance: torch.Tensor | None = None
     ) -> IntQuantized:
         grid = Grid(config.bits, True, storage_dtype(weight), config.range, config.clip, config.percentile)
         groups = group_view(weight, config)  # (rows, n_groups, group)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from quantkit.schemes.base import SchemeConfig
+from quantkit.schemes.config import IntConfig
 
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
@@ -40,7 +40,7 @@ LowHighQuantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 """``(groups, low, high) -> dequantized groups`` on zeropoint's grid."""
 
 
-def clip_amax(groups: torch.Tensor, config: SchemeConfig, fake_quantize: AmaxQuantizer) -> torch.Tensor:
+def clip_amax(groups: torch.Tensor, config: IntConfig, fake_quantize: AmaxQuantizer) -> torch.Tensor:
     """Per-group amax ``[rows, n_groups]`` for absmax under ``config.clip``."""
     amax = groups.abs().amax(dim=-1)
     if config.clip == "percentile":
@@ -52,7 +52,7 @@ def clip_amax(groups: torch.Tensor, config: SchemeConfig, fake_quantize: AmaxQua
 
 
 def clip_low_high(
-    groups: torch.Tensor, config: SchemeConfig, fake_quantize: LowHighQuantizer
+    groups: torch.Tensor, config: IntConfig, fake_quantize: LowHighQuantizer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``(low, high)`` ``[rows, n_groups]`` for zeropoint under ``config.clip``, with low <= 0 <= high."""
     low = groups.amin(dim=-1).clamp(max=0)

@@ -1,26 +1,56 @@
-"""GPTQ as a registered method (the solver lives in :mod:`quantkit.gptq`).
+"""GPTQ as a registered method: its settings (:class:`GptqConfig`) and a solve without a Hessian.
 
 GPTQ needs the Hessian of each weight's inputs, which only the layer-by-layer pipeline has
 (:mod:`quantkit.gptq.sequential`, driven by ``quantize``). Called on a weight alone, as any scheme
 can be, it solves with an identity Hessian: round-to-nearest on GPTQ's grid (zero points, or the
-absmax ``full`` range with ``symmetric``).
+absmax ``full`` range with ``symmetric``). The solver is :mod:`quantkit.schemes.gptq_solver`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, SchemeConfig
+from quantkit.errors import QuantkitError
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme
+from quantkit.schemes.config import IntConfig
+from quantkit.schemes.gptq_solver import gptq_quantize
 
 
-class GptqScheme(Scheme):
+@dataclass(frozen=True)
+class GptqConfig(IntConfig):
+    """GPTQ's grid (zero points unless ``symmetric``) and its solver's settings."""
+
+    symmetric: bool = False  # absmax grid (full range) instead of zero points
+    act_order: bool = False  # columns in decreasing order of the Hessian diagonal
+    static_groups: bool = False  # group parameters fixed before the act-order permutation
+    damp: float = 0.01  # dampening added to the Hessian diagonal, as a fraction of its mean
+    block_size: int = 128  # columns per lazy batch update
+
+    @property
+    def writes_zero_points(self) -> bool:
+        return not self.symmetric
+
+    def _grid_details(self) -> str:
+        details = (", sym" if self.symmetric else "") + (", act-order" if self.act_order else "")
+        return details + (", static groups" if self.static_groups else "")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise QuantkitError(f"block size must be positive, got {self.block_size}")
+
+
+class GptqScheme(Scheme[GptqConfig]):
+    config_type = GptqConfig
     needs_hessian = True
 
     def quantize(
-        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+        self, weight: torch.Tensor, config: GptqConfig, importance: torch.Tensor | None = None
     ) -> IntQuantized:
-        from quantkit.gptq.solver import gptq_quantize
-
         result = gptq_quantize(
             weight, torch.eye(weight.shape[1]), bits=config.bits,
             group_size=config.group_size if config.granularity == "group" else None, symmetric=config.symmetric,

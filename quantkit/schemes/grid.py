@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.schemes.base import RangeMode, SchemeConfig, finish_scale
+from quantkit.schemes.base import finish_scale
 from quantkit.schemes.clipping import clip_amax, clip_low_high
+from quantkit.schemes.config import AbsmaxConfig, IntConfig, RangeMode, ZeropointConfig
 
 
 def absmax_range(bits: int, mode: str) -> tuple[int, int]:
@@ -56,15 +57,11 @@ class Grid:
         return absmax_range(self.bits, self.range if self.symmetric else "full")[1]
 
     @property
-    def config(self) -> SchemeConfig:
+    def config(self) -> IntConfig:
         """The scheme whose codes these are (``granularity`` and ``group_size`` are the caller's)."""
-        return SchemeConfig(
-            method="absmax" if self.symmetric else "zeropoint",
-            bits=self.bits,
-            range=self.range,
-            clip=self.clip,
-            percentile=self.percentile,
-        )
+        if self.symmetric:
+            return AbsmaxConfig("absmax", bits=self.bits, clip=self.clip, percentile=self.percentile, range=self.range)
+        return ZeropointConfig("zeropoint", bits=self.bits, clip=self.clip, percentile=self.percentile)
 
     def params(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale (``dtype``) and zero point (float32 integers; None when symmetric) ``[rows, n_groups]``.

@@ -7,17 +7,49 @@ llama.cpp-style preset, see :mod:`quantkit.kquants.presets`). With an importance
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from quantkit.kquants import encode
-from quantkit.schemes.base import SCHEMES, BlockQuantized, Scheme, SchemeConfig
+from quantkit.errors import QuantkitError
+from quantkit.kquants import BLOCK_FORMATS, encode
+from quantkit.kquants.presets import KQUANT_PRESETS
+from quantkit.schemes.base import SCHEMES, BlockQuantized, Scheme
+from quantkit.schemes.config import SchemeConfig
 
 
-class KQuantScheme(Scheme):
-    integer = False
+@dataclass(frozen=True)
+class KquantConfig(SchemeConfig):
+    """One ggml block type for every weight, or a llama.cpp preset choosing each weight's type."""
+
+    ggml_type: str | None = None  # the ggml block type (Q4_K, ...); None: chosen by kquant_preset
+    kquant_preset: str | None = None  # llama.cpp-style preset deciding each tensor's type (Q4_K_M, ...)
+
+    def describe(self) -> str:
+        return f"kquant {self.ggml_type or self.kquant_preset}"
+
+    def validate(self) -> None:
+        if self.ggml_type is None and self.kquant_preset is None:
+            raise QuantkitError("kquant needs a block type (--type Q4_K) or a preset (--preset Q4_K_M)")
+        if self.ggml_type is not None:
+            BLOCK_FORMATS.get(self.ggml_type)
+        if self.kquant_preset is not None:
+            KQUANT_PRESETS.get(self.kquant_preset)
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise QuantkitError(f"{name}: kquant quantizes 2-D weights, got shape {list(shape)}")
+
+    def bits_per_weight(self, shape: tuple[int, ...], scale_bits: int) -> float:
+        assert self.ggml_type is not None, "plans resolve every kquant tensor's block type"
+        return BLOCK_FORMATS.get(self.ggml_type).bits_per_weight
+
+
+class KQuantScheme(Scheme[KquantConfig]):
+    config_type = KquantConfig
 
     def quantize(
-        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+        self, weight: torch.Tensor, config: KquantConfig, importance: torch.Tensor | None = None
     ) -> BlockQuantized:
         assert config.ggml_type is not None, "plans resolve every kquant tensor's block type"
         rows = weight.detach().to(torch.float32).cpu().numpy()

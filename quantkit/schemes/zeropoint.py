@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, SchemeConfig, group_view, scale_shape, storage_dtype
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_view, scale_shape, storage_dtype
+from quantkit.schemes.config import ZeropointConfig
 from quantkit.schemes.grid import Grid
 
 
-class ZeroPointScheme(Scheme):
+class ZeroPointScheme(Scheme[ZeropointConfig]):
+    config_type = ZeropointConfig
+
     def quantize(
-        self, weight: torch.Tensor, config: SchemeConfig, importance: torch.Tensor | None = None
+        self, weight: torch.Tensor, config: ZeropointConfig, importance: torch.Tensor | None = None
     ) -> IntQuantized:
         grid = Grid(config.bits, False, storage_dtype(weight), clip=config.clip, percentile=config.percentile)
         groups = group_view(weight, config)  # (rows, n_groups, group)

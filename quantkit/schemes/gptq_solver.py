@@ -26,12 +26,13 @@ Departures from the reference, all deliberate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.schemes.base import MAX_BITS, MIN_BITS, IntQuantized, SchemeConfig, storage_dtype
+from quantkit.schemes.base import IntQuantized, storage_dtype
+from quantkit.schemes.config import MAX_BITS, MIN_BITS, IntConfig
 from quantkit.schemes.grid import Grid
 
 MAX_RETRIES = 4
@@ -56,7 +57,7 @@ class GptqResult:
     row_loss: torch.Tensor  # float32 [..., out]: sum over columns of (w - q)^2 / d^2 / 2 (the reference's Losses)
     damp: torch.Tensor  # float64 [...]: dampening used, as a fraction of mean(diag(H))
     retries: torch.Tensor  # int64 [...]: Cholesky retries with RETRY_FACTOR x the dampening
-    config: SchemeConfig  # the grid: zeropoint, or absmax full range for symmetric
+    config: IntConfig  # the grid: zeropoint, or absmax full range for symmetric
 
     @property
     def loss(self) -> torch.Tensor:
@@ -206,7 +207,7 @@ def gptq_quantize(
     if act_order and group_size is not None and not static:  # column perm[j] is in group j // group
         order = torch.arange(columns, device=Wt.device).expand_as(perm)
         g_idx = torch.empty_like(perm).scatter_(-1, perm, order // group).to(torch.int32)
-    config = grid.config.with_updates(granularity="group" if group_size else "channel", group_size=group_size)
+    config = replace(grid.config, granularity="group" if group_size else "channel", group_size=group_size)
 
     def unbatch(t: torch.Tensor) -> torch.Tensor:
         return t if batched else t[0]

@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import torch
 
-from quantkit.calib.histogram import AbsHistogram
 from quantkit.errors import QuantkitError
+from quantkit.ranges.histogram import AbsHistogram
 from quantkit.registry import Registry
 
 RangeSelector = Callable[..., float]
