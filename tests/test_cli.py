@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from quantkit.cli import app, parse_size
+from quantkit.cli import app
+from quantkit.cli_options import parse_size
 
 runner = CliRunner()
 
