@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from quantkit.cli_errors import user_errors
+from quantkit.cli_groups import option_groups
 from quantkit.cli_options import (
     CalibrationDataOptions,
     DeviceOpt,
@@ -25,7 +26,6 @@ from quantkit.cli_options import (
     TrustRemoteCodeOpt,
     build_recipe,
     command_line,
-    option_groups,
     parse_percent,
     quantize_options,
 )

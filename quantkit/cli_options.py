@@ -1,28 +1,24 @@
 """The command line's options, each declared once, in groups that each become one object of the API.
 
-Typer reads a command's options from its parameters. A command takes a group (an :class:`OptionGroup`, a
-dataclass whose fields are the options) as one parameter: :func:`option_groups` shows Typer the group's fields
-and hands the command the group built from them. Each group turns into what the API takes by one function
-here: the recipe (:func:`build_recipe`), ``QuantizeOptions`` (:func:`quantize_options`), ``CalibrationSettings``
-and ``EvalSettings``. :mod:`quantkit.cli` holds the commands: parse, build, call the API, print.
+A command takes a group (an :class:`~quantkit.cli_groups.OptionGroup`, a dataclass whose fields are the
+options) as one parameter (:func:`~quantkit.cli_groups.option_groups`). Each group turns into what the API
+takes by one function here: the recipe (:func:`build_recipe`), ``QuantizeOptions``
+(:func:`quantize_options`), ``CalibrationSettings`` and ``EvalSettings``. :mod:`quantkit.cli` holds the
+commands: parse, build, call the API, print.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import inspect
 import re
 import sys
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from quantkit.cli_groups import OptionGroup
 from quantkit.cli_output import err_console
 from quantkit.errors import QuantkitError
 
@@ -31,8 +27,6 @@ if TYPE_CHECKING:  # imported when used, to keep --help fast
     from quantkit.calib.run import CalibrationSettings
     from quantkit.eval.run import EvalSettings
     from quantkit.recipe import Recipe
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 # Options of several commands, outside any group.
 ModelArg = Annotated[
@@ -46,59 +40,6 @@ TrustRemoteCodeOpt = Annotated[
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Field holding text in jsonl/parquet.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-
-
-class OptionGroup:
-    """Options that a command takes as one parameter: subclasses are dataclasses whose fields are Typer options."""
-
-    panel: ClassVar[str]  # their panel in the --help of a command that shows panels
-
-
-def option_groups(*, panels: bool = False) -> Callable[[F], F]:
-    """Let a command take :class:`OptionGroup` parameters: Typer sees each group's fields as options (in the
-    group's ``--help`` panel with ``panels``), and the command receives the groups built from their values."""
-
-    def decorate(command: F) -> F:
-        hints = typing.get_type_hints(command, include_extras=True)
-        params: list[inspect.Parameter] = []
-        groups: dict[str, tuple[type[OptionGroup], list[str]]] = {}
-        for param in inspect.signature(command).parameters.values():
-            group = hints[param.name]
-            if not (isinstance(group, type) and issubclass(group, OptionGroup)):
-                params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=group))
-                continue
-            field_hints = typing.get_type_hints(group, include_extras=True)
-            fields = dataclasses.fields(group)  # type: ignore[arg-type]
-            for field in fields:
-                option = _in_panel(field_hints[field.name], group.panel) if panels else field_hints[field.name]
-                params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                                annotation=option))
-            groups[param.name] = (group, [field.name for field in fields])
-        names = [param.name for param in params]
-        if len(set(names)) != len(names) or set(groups) & set(names):
-            raise TypeError(f"{command.__name__}: an option name is used twice: {names} (groups {list(groups)})")
-
-        @functools.wraps(command)
-        def with_groups(**values: Any) -> Any:
-            for name, (group, fields) in groups.items():
-                values[name] = group(**{field: values.pop(field) for field in fields})
-            return command(**values)
-
-        with_groups.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        with_groups.__annotations__ = {param.name: param.annotation for param in params}
-        return with_groups  # type: ignore[return-value]
-
-    return decorate
-
-
-def _in_panel(option: Any, panel: str) -> Any:
-    """``Annotated[T, typer.Option(...)]`` with the option shown in ``panel`` of --help."""
-    base, *metadata = typing.get_args(option)
-    metadata = [copy.copy(info) for info in metadata]  # the declaration itself stays as it is
-    for info in metadata:
-        if isinstance(info, typer.models.ParameterInfo):
-            info.rich_help_panel = panel
-    return Annotated[(base, *metadata)]
 
 
 # What the recipe is: inspect and quantize.
@@ -211,11 +152,21 @@ class GptqOptions(OptionGroup):
                 "symmetric": self.sym or None, "damp": self.damp, "block_size": self.block_size}
 
 
+SETTING_FLAGS = {  # scheme settings the command line sets, by the option that sets them
+    "bits": "--bits", "group_size": "--group-size", "granularity": "--granularity", "range": "--range",
+    "clip": "--weight-clip", "percentile": "--percentile", "activations": "--activations",
+    "activation_range": "--range-method", "symmetric": "--sym", "act_order": "--act-order",
+    "static_groups": "--static-groups", "damp": "--damp", "block_size": "--block-size", "ggml_type": "--type",
+}
+
+
 def build_recipe(source: RecipeOptions, kquant: KquantOptions,
                  *schemes: SchemeOptions | RangeOptions | GptqOptions) -> Recipe:
     """The recipe from a file or preset, with the command line's scheme fields (unset: None) and rules applied."""
     from quantkit.model.archs.base import Role
     from quantkit.recipe import DEFAULT_PRESET, get_preset, load_recipe
+    from quantkit.schemes import IntConfig
+    from quantkit.schemes.config import SettingNotApplicable
 
     if source.preset and source.recipe:
         raise QuantkitError("pass either --preset or --recipe, not both")
@@ -223,8 +174,16 @@ def build_recipe(source: RecipeOptions, kquant: KquantOptions,
     overrides = kquant.overrides()
     for scheme in schemes:
         overrides.update(scheme.overrides())
-    if any(v is not None for v in overrides.values()):
-        recipe = recipe.with_default(**overrides)
+    try:
+        if any(v is not None for v in overrides.values()):
+            recipe = recipe.with_default(**overrides)
+    except SettingNotApplicable as exc:
+        flags = ", ".join(SETTING_FLAGS.get(setting, setting) for setting in exc.settings)
+        raise QuantkitError(f"{flags} {'does' if len(exc.settings) == 1 else 'do'} not apply to method "
+                            f"{exc.method}") from None
+    if source.shared_experts_bits is not None and not isinstance(recipe.default, IntConfig):
+        raise QuantkitError(f"--shared-experts-bits applies to integer methods, not {recipe.default.method}"
+                            + (" (use --shared-experts-type)" if recipe.default.method == "kquant" else ""))
     if source.shared_experts_bits is not None:
         recipe = recipe.with_rule(["role:shared_expert"], bits=source.shared_experts_bits)
     if kquant.shared_experts_type is not None:

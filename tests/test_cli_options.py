@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from quantkit.api import QuantizeOptions
 from quantkit.calib.run import CalibrationSettings
 from quantkit.cli import app
-from quantkit.cli_options import OptionGroup, option_groups
+from quantkit.cli_groups import OptionGroup, option_groups
 from quantkit.eval.run import EvalSettings
 
 runner = CliRunner()
@@ -92,3 +92,16 @@ def test_option_groups_refuse_an_option_name_used_twice() -> None:
 
     with pytest.raises(TypeError, match="used twice"):
         option_groups()(command)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--preset", "Q4_K_M", "--bits", "4", "--group-size", "32"), "--bits, --group-size do not apply to method kquant"),
+    (("--method", "absmax", "--act-order"), "--act-order does not apply to method absmax"),
+    (("--method", "zeropoint", "--range", "full"), "--range does not apply to method zeropoint"),
+    (("--method", "kquant", "--type", "Q4_K", "--weight-clip", "mse"), "--weight-clip does not apply to method kquant"),
+    (("--preset", "Q4_K_M", "--shared-experts-bits", "8"),
+     "--shared-experts-bits applies to integer methods, not kquant (use --shared-experts-type)"),
+])
+def test_options_of_another_method_are_refused_by_flag(args: tuple[str, ...], message: str) -> None:
+    result = runner.invoke(app, ["quantize", *args, "--out", "unused"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.stderr

@@ -91,6 +91,6 @@ def test_a_registered_method_takes_recipe_rules(toy_method: str, tmp_path: Path)
 
 
 def test_settings_of_other_methods_are_refused_by_name(toy_method: str) -> None:
-    with pytest.raises(QuantkitError, match="^bits does not apply to method pow2$"):
+    with pytest.raises(QuantkitError, match=r"^bits does not apply to method pow2$"):
         make_config(toy_method, bits=4)
     assert make_config("absmax", bits=4, group_size=32).with_updates(method=toy_method) == PowerOfTwoConfig("pow2")

@@ -27,6 +27,15 @@ ACTIVATION_MODES = ("none", "static", "dynamic")
 ACTIVATION_BITS = 8
 
 
+class SettingNotApplicable(QuantkitError):
+    """Settings given for a method that does not have them."""
+
+    def __init__(self, settings: list[str], method: str) -> None:
+        self.settings, self.method = settings, method
+        verb = "does" if len(settings) == 1 else "do"
+        super().__init__(f"{', '.join(settings)} {verb} not apply to method {method}")
+
+
 @dataclass(frozen=True)
 class SchemeConfig(ABC):
     """What to do with one weight: the method's name and its settings (a subclass per method)."""
@@ -62,8 +71,7 @@ class SchemeConfig(ABC):
         target = config_type(method)
         refused = sorted(set(changes) - target.settings())
         if refused:
-            verb = "does" if len(refused) == 1 else "do"
-            raise QuantkitError(f"{', '.join(refused)} {verb} not apply to method {method}")
+            raise SettingNotApplicable(refused, method)
         kept = {name: getattr(self, name) for name in self.settings() & target.settings()}
         return target(method=method, **{**kept, **changes})._normalised(changes.keys())
 
