@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shutil
 import time
@@ -17,7 +18,15 @@ from rich.console import Console
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
-from quantkit.formats.output import DirectoryFormat, OutputFormat, TensorSink, WrittenWeights, resolve_output_format
+from quantkit.formats.output import (
+    DirectoryFormat,
+    FileFormat,
+    FileTensor,
+    StoredTensor,
+    TensorSink,
+    WrittenWeights,
+    resolve_output_format,
+)
 from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.inspection import expert_coverage, inspect
 from quantkit.model.archs.base import LINEAR_ROLES, Role
@@ -98,12 +107,21 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         report.notes.append(
             f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"
         )
+    reads = [checkpoint.path, *([options.calibration] if options.calibration is not None else [])]
+    if isinstance(fmt, FileFormat):
+        return _write_file(fmt, plan, calib, out, options, reads, report, started)
+    assert isinstance(fmt, DirectoryFormat)
+    return _write_directory(fmt, plan, calib, out, options, reads, report, started)
+
+
+def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration | None, out: Path,
+                     options: QuantizeOptions, reads: list[Any], report: QuantReport, started: float) -> QuantReport:
+    """Write the plan as a checkpoint directory at ``out`` (atomically): GPTQ's weights layer by layer, then every
+    other tensor source by source, config.json, the tokenizer files and the report."""
+    checkpoint = plan.checkpoint
     written = WrittenWeights()
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, options.data, calib)
-    reads = [checkpoint.path, *([options.calibration] if options.calibration is not None else [])]
-    if not isinstance(fmt, DirectoryFormat):
-        return _quantize_to_file(fmt, plan, calib, out, options, reads, report, started)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if isinstance(item.scheme, IntConfig) and item.scheme.activations == "static":
@@ -163,81 +181,50 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     return report
 
 
-def _quantize_to_file(fmt: OutputFormat, plan: QuantPlan, calib: Calibration | None, out: Path,
-                      options: QuantizeOptions, reads: list[Any], report: QuantReport, started: float) -> QuantReport:
-    """Write the plan as one file at ``out`` (atomically) and its report beside it: a GGUF file for llama.cpp.
+def _write_file(fmt: FileFormat, plan: QuantPlan, calib: Calibration | None, out: Path, options: QuantizeOptions,
+                reads: list[Any], report: QuantReport, started: float) -> QuantReport:
+    """Write the plan as one file at ``out`` (atomically) through the format's layout, and the report beside it."""
+    layout = fmt.layout(plan)
+    tokens: dict[str, int | None] = {}  # calibration tokens behind each item's importance
 
-    The single-file path still walks the checkpoint by GGUF tensor (experts merged) on its own; making it
-    consume the plan's per-tensor walk like the directory formats is issue 14's next step.
-    """
-    assert fmt.name == "gguf", f"no single-file writer for {fmt.name}"
-    import gguf
-    import numpy as np
+    def quantize(item: TensorPlan, weight: torch.Tensor) -> Quantized:
+        importance, tokens[item.name] = _importance(item, calib, plan)
+        assert item.scheme is not None
+        return SCHEMES.get(item.scheme.method).quantize(weight, item.scheme, importance)
 
-    from quantkit.formats import gguf_export
+    def stored() -> Iterator[StoredTensor]:
+        for tensor in track(layout.tensors, "quantizing", options.show_progress, options.console):
+            data = layout.load(tensor)
+            check_finite(tensor.name, data, plan.checkpoint)
+            result = layout.store(tensor, data, quantize)
+            report.tensors.append(_file_record(tensor, data, result, plan, tokens))
+            yield result
 
-    checkpoint = plan.checkpoint
-    items = {t.name: t for t in plan.tensors}
-    sources = gguf_export.gguf_sources(checkpoint)
-
-    def tensors() -> Iterator[tuple[str, gguf.GGMLQuantizationType, np.ndarray]]:
-        for source in track(sources, "quantizing", options.show_progress, options.console):
-            data = gguf_export.load_source(checkpoint, source)
-            check_finite(source.name, torch.from_numpy(data), checkpoint)
-            members = [items[name] for name in source.hf_names if name in items]
-            scheme = members[0].scheme if members else None
-            role = members[0].role.value if members else "other"
-            bytes_before = sum(_numel(m.shape) * m.dtype.itemsize for m in members)
-            if not isinstance(scheme, KquantConfig):
-                ggml_type = gguf.GGMLQuantizationType.F16 if scheme is not None else gguf.GGMLQuantizationType.F32
-                stored = data.astype(np.float16 if scheme is not None else np.float32)
-                error = relative_error(torch.from_numpy(data), torch.from_numpy(stored.astype(np.float32)))
-                report.tensors.append(TensorRecord(
-                    source.name, role, scheme.describe() if scheme else "float", None, None, None, list(data.shape),
-                    ggml_type.name, stored.itemsize * 8.0, bytes_before, stored.nbytes, error))
-                yield source.name, ggml_type, stored
-                continue
-            assert scheme.ggml_type is not None
-            rows = torch.from_numpy(data.reshape(len(members), -1, data.shape[-1]))  # one slice per expert
-            quantized: list[BlockQuantized] = []
-            tokens = []
-            for member, expert_rows in zip(members, rows, strict=True):
-                importance, n_tokens = _importance(member, calib, plan)
-                blocks = SCHEMES.get("kquant").quantize(expert_rows, scheme, importance)
-                assert isinstance(blocks, BlockQuantized)
-                quantized.append(blocks)
-                tokens.append(n_tokens)
-            packed = np.stack([q.data for q in quantized]).reshape(*data.shape[:-1], -1)
-            record = TensorRecord(
-                source.name, role, scheme.describe(), _code_bits(quantized[0]), None, None, list(data.shape),
-                scheme.ggml_type, packed.nbytes * 8 / data.size, bytes_before, packed.nbytes,
-                relative_error(rows, torch.stack([q.dequantize() for q in quantized])),
-                type_rule=plan.type_rules.get(members[0].name),
-                importance_tokens=None if tokens[0] is None else min(t or 0 for t in tokens),
-            )
-            report.tensors.append(record)
-            yield source.name, gguf.GGMLQuantizationType[scheme.ggml_type], packed
-
-    preset = plan.recipe.default.kquant_preset if isinstance(plan.recipe.default, KquantConfig) else None
-    file_type = gguf.LlamaFileType[f"MOSTLY_{preset}"] if preset else gguf.LlamaFileType.GUESSED
-    with atomic_file(out, options.overwrite, is_previous=_is_quantkit_gguf, reads=reads, notes=report.notes) as tmp:
-        gguf_export.write_gguf(tmp, checkpoint, tensors(), file_type=int(file_type))
+    with atomic_file(out, options.overwrite, is_previous=fmt.is_previous, reads=reads, notes=report.notes) as tmp:
+        layout.write(tmp, stored())
         _finish_report(report, started)
-        with atomic_file(gguf_report_path(out), True, is_previous=lambda _: True, reads=reads) as report_tmp:
+        with atomic_file(fmt.report_path(out), True, is_previous=lambda _: True, reads=reads) as report_tmp:
             report_tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
-def gguf_report_path(gguf_file: Path) -> Path:
-    """Where the report of a GGUF output lies: ``NAME.quantkit_report.json`` beside ``NAME.gguf``."""
-    return gguf_file.with_name(gguf_file.stem + ".quantkit_report.json")
-
-
-def _is_quantkit_gguf(path: Path) -> bool:
-    """A GGUF file quantkit wrote: GGUF magic, and its report beside it."""
-    with path.open("rb") as handle:
-        magic = handle.read(4)
-    return magic == b"GGUF" and gguf_report_path(path).is_file()
+def _file_record(tensor: FileTensor, data: torch.Tensor, stored: StoredTensor, plan: QuantPlan,
+                 tokens: dict[str, int | None]) -> TensorRecord:
+    """What was done to one tensor of a single-file output (its items merged, e.g. a layer's experts)."""
+    items = tensor.items
+    scheme = items[0].scheme if items else None
+    nbytes = stored.data.nbytes
+    record = TensorRecord(
+        tensor.name, items[0].role.value if items else "other", scheme.describe() if scheme else "float",
+        _code_bits(stored.quantized[0]) if stored.quantized else None, None, None, list(data.shape),
+        stored.type_name, nbytes * 8 / data.numel(), sum(math.prod(i.shape) * i.dtype.itemsize for i in items),
+        nbytes, relative_error(data, data if stored.values is None else stored.values),
+    )
+    if stored.quantized:
+        record.type_rule = plan.type_rules.get(items[0].name)
+        counts = [tokens[item.name] for item in items]
+        record.importance_tokens = None if counts[0] is None else min(t or 0 for t in counts)
+    return record
 
 
 def _finish_report(report: QuantReport, started: float) -> None:
@@ -370,10 +357,3 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     norm = torch.linalg.vector_norm(w)
     diff = torch.linalg.vector_norm(w - approx.to(torch.float64))
     return float(diff / norm) if norm > 0 else float(diff)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

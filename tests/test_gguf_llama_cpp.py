@@ -23,9 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.formats.gguf_export import gguf_sources, load_source, write_gguf
+from quantkit.formats.gguf import GgufLayout
+from quantkit.formats.gguf.tensors import keeps_f32
+from quantkit.formats.output import StoredTensor
 from quantkit.kquants import BLOCK_FORMATS, encode
 from quantkit.model.checkpoint import Checkpoint
+from quantkit.plan import make_plan
+from quantkit.recipe import get_preset
 from tests.conftest import TEST_TEXT
 
 pytestmark = pytest.mark.slow
@@ -44,21 +48,22 @@ QUANT_BOUNDS = {"Q8_0": 0.03, "mixed": 0.15}
 def export(checkpoint: Checkpoint, path: Path, scheme: str) -> Path:
     """F32; Q8_0; or "mixed": Q4_K, Q6_K and Q8_0 in turn. F32 for norms/routers, F16 where no block fits the rows."""
     preference = {"F32": [], "Q8_0": ["Q8_0"], "mixed": ["Q4_K", "Q6_K", "Q8_0"]}[scheme]
+    layout = GgufLayout(make_plan(checkpoint, get_preset("Q8_0")))
 
-    def items() -> Iterator[tuple[str, gguf.GGMLQuantizationType, np.ndarray]]:
-        for i, source in enumerate(gguf_sources(checkpoint)):
-            data = load_source(checkpoint, source)
+    def items() -> Iterator[StoredTensor]:
+        for i, tensor in enumerate(layout.tensors):
+            data = layout.load(tensor).numpy()
             turn = preference[i % len(preference):] + preference[: i % len(preference)] if preference else []
-            fits = [t for t in turn if source.shape[-1] % BLOCK_FORMATS.get(t).block_size == 0]
-            if source.keeps_f32 or scheme == "F32":
-                yield source.name, GGML.F32, data
+            fits = [t for t in turn if tensor.shape[-1] % BLOCK_FORMATS.get(t).block_size == 0]
+            if keeps_f32(tensor) or scheme == "F32":
+                yield StoredTensor(tensor.name, "F32", data)
             elif not fits:
-                yield source.name, GGML.F16, data.astype(np.float16)
+                yield StoredTensor(tensor.name, "F16", data.astype(np.float16))
             else:
-                blocks = encode(fits[0], data.reshape(-1, source.shape[-1])).reshape(*source.shape[:-1], -1)
-                yield source.name, gguf.GGMLQuantizationType[fits[0]], blocks
+                blocks = encode(fits[0], data.reshape(-1, tensor.shape[-1])).reshape(*tensor.shape[:-1], -1)
+                yield StoredTensor(tensor.name, fits[0], blocks)
 
-    write_gguf(path, checkpoint, items())
+    layout.write(path, items())
     return path
 
 

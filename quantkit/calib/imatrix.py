@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf_file import atomic_gguf
+from quantkit.formats.gguf.writer import atomic_gguf
 from quantkit.model.gguf_names import gguf_name
 
 # llama.cpp's own names (tools/imatrix/imatrix.cpp); gguf-py only has them as Keys.IMatrix from 0.18 on

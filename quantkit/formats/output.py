@@ -4,16 +4,20 @@ A format is one module with an :class:`OutputFormat` subclass registered in :dat
 ``quantkit quantize --format NAME`` and :func:`quantkit.quantize` find it there. A
 :class:`DirectoryFormat` receives every tensor through the sink from :meth:`DirectoryFormat.open`
 (sharded safetensors unless it says otherwise) and writes its ``quantization_config`` (and any side
-files) in :meth:`DirectoryFormat.finish`. A single-file format (GGUF) only declares what it accepts.
+files) in :meth:`DirectoryFormat.finish`. A :class:`FileFormat` (GGUF) groups the plan into the tensors
+of its file (:meth:`FileFormat.layout`); the driver loads, quantizes and records each one through that
+layout, which then writes the file.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
@@ -22,7 +26,7 @@ from quantkit.registry import Registry
 from quantkit.schemes import CastTensor, IntConfig, KquantConfig, Quantized
 
 if TYPE_CHECKING:
-    from quantkit.plan import QuantPlan
+    from quantkit.plan import QuantPlan, TensorPlan
 
 AUTO = "auto"
 
@@ -78,6 +82,70 @@ class DirectoryFormat(OutputFormat):
         if isinstance(quantized, CastTensor):
             return {weight_name: quantized.tensor}
         return self.encode(module, quantized)
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor of a single-file output, grouped from the plan.
+
+    ``items`` are the plan weights it holds, stacked on its first axis when there are several (routed experts),
+    none when the format computes it; ``shape`` is its float shape in the file's layout.
+    """
+
+    name: str
+    items: tuple[TensorPlan, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A file tensor as stored: its type (``Q4_K``, ``F16``, ...), its data (a float array or uint8 blocks), the
+    float values the data stands for (None: exactly the loaded data) and its items' quantized weights, if any."""
+
+    name: str
+    type_name: str
+    data: np.ndarray
+    values: torch.Tensor | None = None
+    quantized: tuple[Quantized, ...] = ()
+
+
+QuantizeItem = Callable[["TensorPlan", torch.Tensor], Quantized]
+"""The driver's quantization of one plan item's weight: its scheme, with calibration importance where it has one."""
+
+
+class FileLayout(Protocol):
+    """A single-file format's plan for one run: its tensors, how each is loaded and stored, and the file's writer."""
+
+    tensors: list[FileTensor]  # in file order
+
+    def load(self, tensor: FileTensor) -> torch.Tensor:
+        """The float32 data of ``tensor`` in the file's layout (item i of several is ``data[i]``)."""
+        ...
+
+    def store(self, tensor: FileTensor, data: torch.Tensor, quantize: QuantizeItem) -> StoredTensor:
+        """What the file holds for ``tensor``; its quantized items through ``quantize``."""
+        ...
+
+    def write(self, path: Path, tensors: Iterable[StoredTensor]) -> None:
+        """Write the file at ``path`` (a temporary path the driver renames into place), ``tensors`` in order."""
+        ...
+
+
+class FileFormat(OutputFormat):
+    """A format written as one file at ``--out``, with the run's report beside it."""
+
+    @abstractmethod
+    def layout(self, plan: QuantPlan) -> FileLayout:
+        """The file's tensors for ``plan`` (no data read); a one-line :class:`QuantkitError` if it cannot hold them."""
+
+    @abstractmethod
+    def report_path(self, out: Path) -> Path:
+        """Where the report of an output at ``out`` lies."""
+
+    @abstractmethod
+    def is_previous(self, path: Path) -> bool:
+        """Whether the existing file ``path`` is a previous quantkit output of this format (``--overwrite`` may
+        replace only those)."""
 
 
 OUTPUT_FORMATS: Registry[OutputFormat] = Registry("output format")

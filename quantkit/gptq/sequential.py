@@ -272,10 +272,8 @@ class _Solver:
         )
 
     def _disk_dtype(self, name: str) -> torch.dtype:
-        checkpoint = self.pipeline.checkpoint
-        if name not in checkpoint.tensors and self.arch.experts is not None:  # experts stored fused on disk
-            name = next(s for s in self.arch.experts.fused_sources(name) if s in checkpoint.tensors)
-        return storage_dtype(torch.empty(0, dtype=checkpoint.tensors[name].dtype))
+        tensors = self.pipeline.checkpoint.tensors
+        return storage_dtype(torch.empty(0, dtype=tensors[self.arch.stored_in(name, tensors)].dtype))
 
 
 def _slice_rows(result: GptqResult, start: int, stop: int) -> GptqResult:

@@ -16,16 +16,24 @@ import numpy as np
 from quantkit.errors import QuantkitError
 from quantkit.registry import Registry
 
-QK_K = 256  # weights per k-quant super-block
+QK_K = gguf.QK_K  # weights per k-quant super-block (256)
 
 
 class BlockFormat(ABC):
-    """A registered ggml block type (``Q4_K``, ``Q8_0``, ...)."""
+    """A registered ggml block type (``Q4_K``, ``Q8_0``, ...); its sizes are ggml's (``gguf.GGML_QUANT_SIZES``)."""
 
     name: str
     ggml_type: gguf.GGMLQuantizationType
-    block_size: int  # weights per block
-    type_size: int  # bytes per block
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block."""
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][1]
 
     @property
     def code_bits(self) -> int:

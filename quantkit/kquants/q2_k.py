@@ -40,6 +40,7 @@ from quantkit.kquants.search_qkx import (
 )
 
 SUB = 16  # weights per sub-block
+TYPE_SIZE = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q2_K][1]  # 84 bytes per super-block
 N_SUB = QK_K // SUB
 _SHIFT = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -65,7 +66,7 @@ def encode_q2_k(blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray
         scales, mins, codes = make_qkx_quants(x.reshape(SUB, -1), weights.reshape(SUB, -1), 3, -0.9, 0.05, 36, False)
         d_block, ls, m_block, lm = make_qp_quants_pair(scales.reshape(N_SUB, nb), mins.reshape(N_SUB, nb), sw, 15)
 
-    out = np.empty((nb, 84), dtype=np.uint8)
+    out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, :16] = ((ls | (lm << 4)) & 0xFF).T
     out[:, 80:82] = to_fp16(d_block)[:, None].view(np.uint8)
     out[:, 82:84] = to_fp16(m_block)[:, None].view(np.uint8)
@@ -80,8 +81,6 @@ def encode_q2_k(blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray
 class Q2_K(BlockFormat):
     name = "Q2_K"
     ggml_type = gguf.GGMLQuantizationType.Q2_K
-    block_size = QK_K
-    type_size = 84
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return encode_in_pieces(rows, importance, self.type_size, encode_q2_k)

@@ -48,8 +48,6 @@ from quantkit.kquants.search_qx import (
 class Q3_K(BlockFormat):
     name = "Q3_K"
     ggml_type = gguf.GGMLQuantizationType.Q3_K
-    block_size = QK_K
-    type_size = 110
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         blocks = self.blocks_of(rows)

@@ -28,11 +28,9 @@ from quantkit.kquants.search_qx import pack_nibbles, symmetric_32_tiles
 class Q4_0(BlockFormat):
     name = "Q4_0"
     ggml_type = gguf.GGMLQuantizationType.Q4_0
-    block_size = 32
-    type_size = 18
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        out = np.empty((rows.size // 32, self.type_size), dtype=np.uint8)
+        out = np.empty((rows.size // self.block_size, self.type_size), dtype=np.uint8)
         for blocks, d, codes in symmetric_32_tiles(rows, importance, 8):
             out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
             out[blocks, 2:] = pack_nibbles(codes)

@@ -115,8 +115,6 @@ def encode_k4(
 class Q4_K(BlockFormat):
     name = "Q4_K"
     ggml_type = gguf.GGMLQuantizationType.Q4_K
-    block_size = QK_K
-    type_size = 144
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return encode_in_pieces(rows, importance, self.type_size, self._encode_piece)

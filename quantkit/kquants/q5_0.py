@@ -32,11 +32,9 @@ _GATHER_BITS = np.uint64(0x0102040810204080)
 class Q5_0(BlockFormat):
     name = "Q5_0"
     ggml_type = gguf.GGMLQuantizationType.Q5_0
-    block_size = 32
-    type_size = 22
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        out = np.empty((rows.size // 32, self.type_size), dtype=np.uint8)
+        out = np.empty((rows.size // self.block_size, self.type_size), dtype=np.uint8)
         for blocks, d, codes in symmetric_32_tiles(rows, importance, 16):
             out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
             high = (codes.view(np.uint64) >> np.uint64(4)) & np.uint64(0x0101010101010101)  # 0/1 per byte

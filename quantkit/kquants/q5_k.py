@@ -39,8 +39,6 @@ _BIT = (np.uint8(1) << np.arange(8, dtype=np.uint8)).reshape(1, 4, 2, 1)
 class Q5_K(BlockFormat):
     name = "Q5_K"
     ggml_type = gguf.GGMLQuantizationType.Q5_K
-    block_size = QK_K
-    type_size = 176
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return encode_in_pieces(rows, importance, self.type_size, self._encode_piece)

@@ -43,8 +43,6 @@ from quantkit.kquants.search_qx import (
 class Q6_K(BlockFormat):
     name = "Q6_K"
     ggml_type = gguf.GGMLQuantizationType.Q6_K
-    block_size = QK_K
-    type_size = 210
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         blocks = self.blocks_of(rows)

@@ -25,8 +25,6 @@ from quantkit.kquants.ggml_math import F32, from_fp16, roundf, to_fp16
 class Q8_0(BlockFormat):
     name = "Q8_0"
     ggml_type = gguf.GGMLQuantizationType.Q8_0
-    block_size = 32
-    type_size = 34
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         x = self.blocks_of(rows)

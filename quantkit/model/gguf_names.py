@@ -4,8 +4,9 @@ The architecture and per-tensor tables are ``gguf.TensorNameMap`` (the ones llam
 ``convert_hf_to_gguf.py`` uses), looked up with the same ``.weight``/``.bias`` suffix handling.
 Routed experts are stored per expert on disk (``...experts.7.gate_proj.weight``) but merged in GGUF
 into one 3-D tensor per projection (``blk.N.ffn_gate_exps.weight``, one slice per expert), so a
-per-expert name maps to the merged name plus its expert index. Mixtral is converted as arch
-``llama`` (its ``block_sparse_moe.experts.E.w1/w3/w2`` become ``ffn_gate/up/down_exps``).
+per-expert name maps to the merged name plus its expert index (:meth:`ExpertLayout.stacked_name`).
+Which llama.cpp architecture a model type is, is declared on its ArchSpec (``ArchSpec.gguf``); Mixtral
+is converted as arch ``llama`` (its ``block_sparse_moe.experts.E.w1/w3/w2`` become ``ffn_gate/up/down_exps``).
 
 DeepSeek V2 and V3 are both arch ``deepseek2``. Their ``self_attn.kv_b_proj`` maps to
 ``blk.N.attn_kv_b.weight``, the name ``gguf`` gives it, which is what older conversions hold and
@@ -28,44 +29,32 @@ from functools import lru_cache
 import gguf
 
 from quantkit.errors import QuantkitError
-from quantkit.model.archs import get_arch
+from quantkit.model.archs import ARCHS, get_arch
 
-_MODEL_ARCH: dict[str, gguf.MODEL_ARCH] = {
-    "llama": gguf.MODEL_ARCH.LLAMA,
-    "qwen2": gguf.MODEL_ARCH.QWEN2,
-    "mixtral": gguf.MODEL_ARCH.LLAMA,  # convert_hf_to_gguf.py converts Mixtral as llama with merged experts
-    "olmoe": gguf.MODEL_ARCH.OLMOE,
-    "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
-    "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
-    "deepseek_v2": gguf.MODEL_ARCH.DEEPSEEK2,
-    "deepseek_v3": gguf.MODEL_ARCH.DEEPSEEK2,
-}
-
-GGUF_ARCH: dict[str, str] = {model_type: gguf.MODEL_ARCH_NAMES[arch] for model_type, arch in _MODEL_ARCH.items()}
-
+# model_type -> llama.cpp architecture name, from each ArchSpec's GGUF spec (model/archs/)
+GGUF_ARCH: dict[str, str] = {model_type: spec.gguf.arch for model_type, spec in ARCHS.items() if spec.gguf}
+_MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 _SUFFIXES = (".weight", ".bias")  # as convert_hf_to_gguf.py's map_tensor_name tries them
-# convert_hf_to_gguf.py's DeepseekV2Model renames the router bias before the lookup; gguf's table has only the new name
-_DEEPSEEK_BIAS = ("e_score_correction_bias", "e_score_correction.bias")
 
 
 @lru_cache(maxsize=32)
-def _name_map(model_type: str, num_layers: int) -> gguf.TensorNameMap:
-    return gguf.get_tensor_name_map(_MODEL_ARCH[model_type], num_layers)
+def _name_map(arch: str, num_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(_MODEL_ARCH[arch], num_layers)
 
 
 def gguf_name(model_type: str, hf_name: str, num_layers: int) -> tuple[str, int | None]:
     """The llama.cpp tensor name for ``hf_name`` and, for a per-expert weight, its expert index."""
-    if model_type not in _MODEL_ARCH:
+    spec = get_arch(model_type)
+    if spec.gguf is None:
         raise QuantkitError(f"no GGUF architecture for model_type {model_type!r}; supported: {', '.join(GGUF_ARCH)}")
-    expert: int | None = None
-    key = hf_name.replace(*_DEEPSEEK_BIAS) if hf_name.endswith(_DEEPSEEK_BIAS[0]) else hf_name
-    layout = get_arch(model_type).experts
-    match = layout.per_expert_pattern.match(hf_name) if layout is not None else None
-    if layout is not None and match is not None:
-        # the name convert_hf_to_gguf.py gives the stacked experts: "...<block>.experts.<proj>.weight"
-        expert = int(match["expert"])
-        key = f"{match['layer']}{layout.disk_block}.experts.{match['proj']}.weight"
-    name = _name_map(model_type, num_layers).get_name(key, try_suffixes=_SUFFIXES)
+    key, expert = hf_name, None
+    for suffix, renamed in spec.gguf.renames:
+        if key.endswith(suffix):
+            key = key.removesuffix(suffix) + renamed
+    stacked = spec.experts.stacked_name(hf_name) if spec.experts is not None else None
+    if stacked is not None:
+        key, expert = stacked
+    name = _name_map(spec.gguf.arch, num_layers).get_name(key, try_suffixes=_SUFFIXES)
     if name is None:
         raise QuantkitError(f"tensor {hf_name} has no llama.cpp GGUF name for {model_type} ({num_layers} layers)")
     return name, expert

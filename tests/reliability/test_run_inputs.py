@@ -120,3 +120,15 @@ def test_tokenizer_larger_than_the_model_is_named_up_front(tiny_lm: Path, test_t
     assert_one_line_error(code, err, f"the tokenizer in {model} yields token id", "vocab_size is 128",
                           "do not belong to this model")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "invalid utf-8"])
+def test_corrupt_sentencepiece_model_is_a_one_line_error(damage: str, stories_model: Path, tmp_path: Path) -> None:
+    model = shutil.copytree(stories_model, tmp_path / "m")
+    spm = model / "tokenizer.model"
+    spm.write_bytes({"garbage": b"\x0a\xff\xff\xff\xff\x0fgarbage", "truncated": spm.read_bytes()[:1000],
+                     "invalid utf-8": b"\x0a\x03\x0a\x01\xff"}[damage])
+    code, _, err = run("quantize", model, "--method", "kquant", "--type", "Q8_0", "--format", "gguf",
+                       "--out", tmp_path / "out.gguf")
+    assert_one_line_error(code, err, f"{spm} is not a valid SentencePiece model")
+    assert not (tmp_path / "out.gguf").exists()

@@ -9,11 +9,14 @@ memory as fused 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2I, H] and
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import torch
+
+from quantkit.model.gguf_spec import GgufSpec
 
 
 class Role(str, Enum):
@@ -64,6 +67,15 @@ class ExpertLayout:
         """On-disk name of one expert projection; ``proj`` is gate, up or down."""
         disk_proj = {"gate": self.gate, "up": self.up, "down": self.down}[proj]
         return f"{layer_prefix}{self.disk_block}.experts.{expert}.{disk_proj}.weight"
+
+    def stacked_name(self, per_expert_name: str) -> tuple[str, int] | None:
+        """The name of the stack of all experts a per-expert weight belongs to, and its expert index (None for any
+        other name): ``...<disk_block>.experts.7.<proj>.weight`` -> (``...<disk_block>.experts.<proj>.weight``, 7),
+        as llama.cpp's convert_hf_to_gguf.py names merged experts before its GGUF name lookup."""
+        match = self.per_expert_pattern.match(per_expert_name)
+        if match is None:
+            return None
+        return f"{match['layer']}{self.disk_block}.experts.{match['proj']}.weight", int(match["expert"])
 
     def fused_sources(self, per_expert_name: str) -> list[str]:
         """The fused parameters that can hold the per-expert weight ``per_expert_name``: the on-disk block's name,
@@ -132,6 +144,7 @@ class ArchSpec:
     dense_layers: str = "none"  # "first_k_dense_replace" | "decoder_sparse_step" | "none"
     extra_config_keys: tuple[str, ...] = field(default=())  # shown by ``inspect``
     disk_renames: tuple[tuple[str, str], ...] = ()  # (on-disk fragment, in-memory fragment)
+    gguf: GgufSpec | None = None  # llama.cpp's architecture and how GGUF export writes it (model/gguf_spec.py)
 
     def memory_name(self, disk_name: str) -> str:
         for disk, memory in self.disk_renames:
@@ -148,6 +161,13 @@ class ArchSpec:
         if self.experts is not None and self.is_fused(name):
             return self.experts.split_fused(name, tensor)
         return {name: tensor}
+
+    def stored_in(self, name: str, stored: Container[str]) -> str:
+        """The checkpoint tensor (of those ``stored``) that holds the on-disk weight ``name``: itself, or the fused
+        experts parameter holding this expert's slice."""
+        if name in stored or self.experts is None:
+            return name
+        return next((s for s in self.experts.fused_sources(name) if s in stored), name)
 
     def to_memory_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Transformers 5's in-memory state dict from on-disk (per-expert) tensors."""

@@ -3,6 +3,7 @@
 
 from quantkit.model.archs import register_arch
 from quantkit.model.archs.base import ArchSpec, ExpertLayout
+from quantkit.model.archs.llama import LLAMA_GGUF
 
 SPEC = register_arch(
     ArchSpec(
@@ -13,5 +14,6 @@ SPEC = register_arch(
         num_experts_keys=("num_local_experts", "num_experts"),
         extra_config_keys=("intermediate_size",),
         disk_renames=((".block_sparse_moe.gate.", ".mlp.gate."),),
+        gguf=LLAMA_GGUF,  # convert_hf_to_gguf.py converts Mixtral as llama with merged experts
     )
 )

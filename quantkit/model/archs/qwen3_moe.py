@@ -2,6 +2,7 @@
 
 from quantkit.model.archs import register_arch
 from quantkit.model.archs.base import ArchSpec, ExpertLayout
+from quantkit.model.gguf_spec import GgufSpec
 
 SPEC = register_arch(
     ArchSpec(
@@ -12,5 +13,6 @@ SPEC = register_arch(
         num_experts_keys=("num_experts", "num_local_experts"),
         dense_layers="decoder_sparse_step",
         extra_config_keys=("moe_intermediate_size", "decoder_sparse_step", "norm_topk_prob"),
+        gguf=GgufSpec("qwen3moe"),  # tensor names only (imatrix): no GGUF export yet
     )
 )

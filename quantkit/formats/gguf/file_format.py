@@ -1,0 +1,35 @@
+"""``--format gguf``: one llama.cpp GGUF file at ``--out`` (k-quants and float weights), the report beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantkit.formats.gguf.layout import GgufLayout
+from quantkit.formats.output import OUTPUT_FORMATS, FileFormat, refuse_integer_schemes
+from quantkit.plan import QuantPlan
+
+MAGIC = b"GGUF"
+
+
+class GgufFormat(FileFormat):
+    """A llama.cpp GGUF file; its report is ``NAME.quantkit_report.json`` beside ``NAME.gguf``."""
+
+    name = "gguf"
+
+    def check(self, plan: QuantPlan) -> None:
+        refuse_integer_schemes(plan, self.name)
+
+    def layout(self, plan: QuantPlan) -> GgufLayout:
+        return GgufLayout(plan)
+
+    def report_path(self, out: Path) -> Path:
+        return out.with_name(out.stem + ".quantkit_report.json")
+
+    def is_previous(self, path: Path) -> bool:
+        """A GGUF file quantkit wrote: GGUF magic, and its report beside it."""
+        with path.open("rb") as handle:
+            magic = handle.read(len(MAGIC))
+        return magic == MAGIC and self.report_path(path).is_file()
+
+
+OUTPUT_FORMATS.add(GgufFormat.name, GgufFormat())
