@@ -36,8 +36,11 @@ def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
     if preset is not None:
         assignments = _preset_assignments(plan, preset)
     resolved: dict[str, tuple[SchemeConfig | None, str]] = {}
+    unknown = set(plan.unexpected)  # kept as stored, e.g. an lm_head that a tied config does not use
     for item in plan.tensors:
         scheme = item.scheme
+        if item.name in unknown:
+            continue
         candidate = isinstance(scheme, KquantConfig)
         extra = preset is not None and scheme is None and item.role in PRESET_EXTRA_ROLES and len(item.shape) == 2
         if not (candidate or extra) or _ignored(plan, item):

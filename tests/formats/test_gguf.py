@@ -27,7 +27,7 @@ from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.gguf_names import GGUF_ARCH
 from quantkit.plan import make_plan
 from quantkit.recipe import Recipe, get_preset
-from quantkit.schemes import SchemeConfig
+from quantkit.schemes import make_config
 from tests.conftest import build_model, save_model
 
 GGML = gguf.GGMLQuantizationType
@@ -35,7 +35,7 @@ EXPORTED = ["llama", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 # block types the matrices cycle through, where their rows fit the block
 QUANT_TYPES = [name for name in ("Q8_0", "Q4_K", "Q6_K") if name in BLOCK_FORMATS]
 
-KQUANT_Q8_0 = Recipe(SchemeConfig(method="kquant", ggml_type="Q8_0"))  # --method kquant --type Q8_0: no preset
+KQUANT_Q8_0 = Recipe(make_config("kquant", ggml_type="Q8_0"))  # --method kquant --type Q8_0: no preset
 Item = StoredTensor
 
 

@@ -20,7 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.kquants import BLOCK_FORMATS, decode, encode
 from tests.ggml_reference import reference
 
-GOLDEN = Path(__file__).parent / "golden" / "kquants.safetensors"
+GOLDEN = Path(__file__).parents[1] / "golden" / "kquants.safetensors"
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0")
 
 # Worst |error| of a round trip as a fraction of the block's largest |weight|, for ggml's reference

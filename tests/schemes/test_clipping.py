@@ -15,7 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.recipe import recipe_from_dict
 from quantkit.schemes import IntQuantized
 from quantkit.schemes.clipping import MSE_NORM
-from tests.test_schemes import quantize
+from tests.schemes.test_schemes import quantize
 
 KINDS = ["gaussian", "laplace", "outliers"]
 
@@ -174,17 +174,17 @@ def test_absmax_restricted_mse_is_the_first_best_shrink(kind: str, bits: int) ->
 # --- (3) mse never loses to minmax in its own norm
 
 
-@pytest.mark.parametrize("method,mode", [("zeropoint", "restricted"), ("absmax", "restricted"), ("absmax", "full")])
+@pytest.mark.parametrize("method,mode", [("zeropoint", None), ("absmax", "restricted"), ("absmax", "full")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_mse_is_never_worse_than_minmax_per_group(
-    method: str, mode: str, dtype: torch.dtype, bits: int, group_size: int | None
+    method: str, mode: str | None, dtype: torch.dtype, bits: int, group_size: int | None
 ) -> None:
     """Shrink p = 1 is minmax and only a strictly smaller error replaces it; the search scores the
     dequantization in the storage dtype, so this holds on what the checkpoint holds."""
     w = weights("outliers", seed=1).to(dtype)
-    base = quantize(w, method=method, bits=bits, group_size=group_size, range=mode)
+    base = quantize(w, method=method, bits=bits, group_size=group_size, range=mode)  # range: absmax only
     best = quantize(w, method=method, bits=bits, group_size=group_size, range=mode, clip="mse")
     base_err, best_err = group_errors(w, base, group_size), group_errors(w, best, group_size)
     assert bool((best_err <= base_err).all())
@@ -195,10 +195,10 @@ def test_mse_is_never_worse_than_minmax_per_group(
 # --- (4) percentile
 
 
-@pytest.mark.parametrize("method,mode", [("zeropoint", "restricted"), ("absmax", "restricted"), ("absmax", "full")])
+@pytest.mark.parametrize("method,mode", [("zeropoint", None), ("absmax", "restricted"), ("absmax", "full")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("channel", None), ("group", 32)])
-def test_percentile_100_is_minmax(method: str, mode: str, dtype: torch.dtype, granularity: str,
+def test_percentile_100_is_minmax(method: str, mode: str | None, dtype: torch.dtype, granularity: str,
                                   group_size: int | None) -> None:
     w = weights("laplace").to(dtype)
     w[1, :64] = 0  # an all-zero group

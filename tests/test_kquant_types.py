@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,16 @@ def test_shared_expert_and_dense_ffn_types_are_recipe_rules(wide_model: Path) ->
     lowered = {t.name: t.scheme for t in low.tensors}
     assert lowered["model.layers.1.mlp.shared_experts.down_proj.weight"].ggml_type == "Q2_K"
     assert lowered["model.layers.0.mlp.down_proj.weight"].method == "fp16"  # F16 never falls back
+
+
+def test_preset_keeps_an_lm_head_that_a_tied_config_does_not_use(wide_model: Path, tmp_path: Path) -> None:
+    """config.json says tied, yet lm_head.weight is stored: the preset keeps it as stored, as any unknown tensor."""
+    model = Path(shutil.copytree(wide_model, tmp_path / "tied"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    code, _, err = run("quantize", model, "--preset", "Q4_K_M", "--out", tmp_path / "q")
+    assert code == 0, err
+    weights, checkpoint = stored(tmp_path / "q")
+    # tied: llama.cpp gives token_embd the output's type, as it doubles as the output
+    assert "lm_head" not in weights["weights"] and weights["weights"]["model.embed_tokens"]["type"] == "Q6_K"
+    assert torch.equal(checkpoint.get("lm_head.weight"), Checkpoint.open(wide_model).get("lm_head.weight"))

@@ -7,7 +7,7 @@ need calibration (static W8A8, GPTQ, k-quant importance weights) use one calibra
 model on WikiText-2 *valid*. k-quant presets run without and with that calibration's importance.
 
 Regenerate the baselines deliberately, after a change meant to move them:
-    QUANTKIT_UPDATE_BASELINES=1 pytest tests/test_regression.py
+    QUANTKIT_UPDATE_BASELINES=1 pytest tests/eval/test_regression.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.conftest import SHARED
 
 WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED / "data" / "wikitext-2-raw" / "wiki.valid.raw"
-BASELINES = Path(__file__).parent / "baselines" / "demo_model.json"
+BASELINES = Path(__file__).parents[1] / "baselines" / "demo_model.json"
 SETTINGS = EvalSettings(dataset=str(WIKI_TEST), protocol="gptq", seq_len=512, max_windows=24, batch_size=4)
 CONFIGS: dict[str, dict[str, Any]] = {
     "absmax-w8-g128": {"method": "absmax", "bits": 8, "group_size": 128},
@@ -126,7 +126,7 @@ def test_calibrated_choices_help(measured: dict[str, dict[str, float]]) -> None:
 def test_kquant_presets_order_and_importance(measured: dict[str, dict[str, float]]) -> None:
     """More bits, less KL. Importance weights lower KL at Q3_K_M and Q4_K_M and raise top-1 agreement
     at Q2_K; they do not lower KL at Q2_K (+5%) or Q6_K (+3%) on this model, although they lower the
-    importance-weighted error of every tensor (docs/kquants.md, tests/test_kquant_quantize.py)."""
+    importance-weighted error of every tensor (docs/kquants.md, tests/test_kquant_types.py)."""
     kls = [measured[f"kquant-{p}"]["kl"] for p in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K")]
     assert kls == sorted(kls, reverse=True)
     for preset in ("Q3_K_M", "Q4_K_M"):

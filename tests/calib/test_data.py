@@ -26,7 +26,7 @@ from quantkit.text_sources import (
     resolve_hub_dataset,
 )
 
-REPO_DATA = Path(__file__).resolve().parents[1] / "calibration_data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "calibration_data"
 
 
 class WordIds:
