@@ -20,15 +20,16 @@ __all__ = ["CalibrationSettings", "QuantizeOptions", "__version__", "calibrate",
 
 def __getattr__(name: str) -> Any:
     if name in ("quantize", "inspect", "calibrate", "CalibrationSettings", "QuantizeOptions"):
-        from quantkit import api
+        from quantkit import api  # lazy: `import quantkit` stays light; the API pulls in torch
 
         return getattr(api, name)
     if name == "load_calibration":
+        # lazy: `import quantkit` stays light; the API pulls in torch
         from quantkit.calib.artifact import load_calibration
 
         return load_calibration
     if name == "load_quantized":
-        from quantkit.formats.load import load_quantized
+        from quantkit.formats.load import load_quantized  # lazy: `import quantkit` stays light; the API pulls in torch
 
         return load_quantized
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

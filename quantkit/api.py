@@ -29,6 +29,7 @@ from quantkit.formats.output import (
 )
 from quantkit.gptq.sequential import LayerResult, gptq_layers
 from quantkit.inspection import expert_coverage, inspect
+from quantkit.kquants import BLOCK_FORMATS
 from quantkit.model.archs.base import LINEAR_ROLES, Role
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.finite import check_all_finite, check_finite
@@ -345,8 +346,6 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fm
 def _code_bits(quantized: Quantized) -> int | None:
     """The integer bits of a block type's codes (4 for Q4_K); None for float casts."""
     if isinstance(quantized, BlockQuantized):
-        from quantkit.kquants import BLOCK_FORMATS
-
         return BLOCK_FORMATS.get(quantized.ggml_type).code_bits
     return None
 

@@ -60,7 +60,7 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Architecture, layers, experts (routed/shared), parameters, and what the recipe would do."""
-    from quantkit import api
+    from quantkit import api  # deferred: the API pulls in torch; --help stays fast
 
     info = api.inspect(model, build_recipe(source, kquant, scheme))
     if as_json:
@@ -88,7 +88,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL into quantized safetensors (compressed-tensors, GPTQ v1 or ggml blocks) or a GGUF file,
     plus a quantkit report."""
-    from quantkit import api
+    from quantkit import api  # deferred: the API pulls in torch; --help stays fast
 
     recipe = build_recipe(source, kquant, scheme, ranges, gptq)
     out, options = quantize_options(model, recipe, output, data, gptq, seed=seed,
@@ -120,7 +120,7 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run calibration text through MODEL one layer at a time; write per-site, per-expert statistics."""
-    from quantkit.calib.run import calibrate as run_calibration
+    from quantkit.calib.run import calibrate as run_calibration  # deferred: the API pulls in torch; --help stays fast
 
     settings = data.settings(device, trust_remote_code)
     calibration = run_calibration(model, out, settings, imatrix_out=imatrix_out, overwrite=overwrite,
@@ -159,6 +159,7 @@ def eval_perplexity(
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of MODEL (default: the demo model) under a published protocol; exit 1 on regression."""
+    # deferred, like every import below the command line: --help stays fast
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from quantkit.eval.run import check_regression, run_perplexity, save_results
@@ -196,7 +197,7 @@ def presets(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named recipes and the k-quant presets with their llama.cpp tensor-type rules."""
-    from quantkit.kquants.preset_sizes import preset_summaries
+    from quantkit.kquants.preset_sizes import preset_summaries  # deferred: the API pulls in torch; --help stays fast
     from quantkit.kquants.presets import KQUANT_PRESETS, preset_rules
     from quantkit.recipe import PRESET_DESCRIPTIONS, PRESETS
 

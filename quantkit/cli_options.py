@@ -163,7 +163,7 @@ SETTING_FLAGS = {  # scheme settings the command line sets, by the option that s
 def build_recipe(source: RecipeOptions, kquant: KquantOptions,
                  *schemes: SchemeOptions | RangeOptions | GptqOptions) -> Recipe:
     """The recipe from a file or preset, with the command line's scheme fields (unset: None) and rules applied."""
-    from quantkit.model.archs.base import Role
+    from quantkit.model.archs.base import Role  # deferred: pulls in torch; --help stays fast
     from quantkit.recipe import DEFAULT_PRESET, get_preset, load_recipe
     from quantkit.schemes import IntConfig
     from quantkit.schemes.config import SettingNotApplicable
@@ -222,7 +222,7 @@ class QuantizeDataOptions(OptionGroup):
 
     def settings(self, trust_remote_code: bool) -> CalibrationSettings | None:
         """GPTQ's calibration windows, or None to let ``quantize`` take the calibration's/defaults."""
-        from quantkit.calib.artifact import load_calibration
+        from quantkit.calib.artifact import load_calibration  # deferred: pulls in torch; --help stays fast
         from quantkit.calib.run import CalibrationSettings, settings_of
 
         device = resolve_device(self.device)
@@ -265,7 +265,7 @@ def quantize_options(model: str | None, recipe: Recipe, output: OutputOptions, d
                      gptq: GptqOptions, *, seed: int, trust_remote_code: bool,
                      show_progress: bool) -> tuple[Path, QuantizeOptions]:
     """Where quantize writes (default ./<model>-<scheme>) and how it runs, from its groups of options."""
-    from quantkit import api
+    from quantkit import api  # deferred: pulls in torch; --help stays fast
     from quantkit.model.checkpoint import resolve_model_path
 
     settings = data.settings(trust_remote_code)
@@ -317,7 +317,7 @@ class CalibrationDataOptions(OptionGroup):
     plot: Annotated[list[str] | None, typer.Option("--plot", help="Also plot these sites (glob, repeatable).")] = None
 
     def settings(self, device: str, trust_remote_code: bool) -> CalibrationSettings:
-        from quantkit.calib.run import CalibrationSettings
+        from quantkit.calib.run import CalibrationSettings  # deferred: pulls in torch; --help stays fast
 
         return CalibrationSettings(
             dataset=self.dataset, num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed,
@@ -350,7 +350,7 @@ class EvalOptions(OptionGroup):
     device: DeviceOpt = "auto"
 
     def settings(self, trust_remote_code: bool) -> EvalSettings:
-        from quantkit.eval.run import EvalSettings
+        from quantkit.eval.run import EvalSettings  # deferred: pulls in torch; --help stays fast
 
         return EvalSettings(dataset=self.dataset, protocol=self.protocol, seq_len=self.seq_len, stride=self.stride,
                             max_windows=self.max_windows, batch_size=self.batch_size, text_field=self.text_field,
@@ -391,7 +391,7 @@ def parse_percent(text: str) -> float:
 
 def resolve_device(device: str) -> str:
     """``auto`` -> cuda where available, else cpu; one-line errors for anything else but cpu, cuda, cuda:N."""
-    import torch
+    import torch  # deferred: pulls in torch; --help stays fast
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

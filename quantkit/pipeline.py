@@ -56,7 +56,7 @@ class LayerPipeline:
     """A checkpoint's model on the meta device whose parts are loaded from disk one at a time."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        import transformers
+        import transformers  # deferred: transformers takes seconds to import
 
         self.checkpoint = checkpoint
         self.arch = get_arch(checkpoint.model_type)

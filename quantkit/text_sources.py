@@ -177,10 +177,10 @@ def _read_jsonl(file: Path, text_field: str) -> list[str]:
 
 def _read_parquet(file: Path, text_field: str) -> list[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: heavy, needed only for parquet files / hub datasets
     except ImportError:
         raise QuantkitError("reading parquet needs pyarrow: pip install pyarrow") from None
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: heavy, needed only for parquet files / hub datasets
 
     try:
         table = pq.read_table(file)
@@ -193,7 +193,7 @@ def _read_parquet(file: Path, text_field: str) -> list[str]:
 
 def _load_hub(request: HubRequest) -> TextSource:
     try:
-        import datasets
+        import datasets  # deferred: heavy, needed only for parquet files / hub datasets
     except ImportError:
         raise QuantkitError(f"--dataset {request.name} needs the `datasets` package; or pass a local file") from None
     try:

@@ -21,6 +21,7 @@ def plot_ranges(hist: AbsHistogram, ranges: dict[str, float], title: str, path: 
     """
     if not hist.num_bins:
         raise QuantkitError(f"{hist.name}: cannot plot an empty histogram (no non-zero value observed)")
+    # deferred: matplotlib is slow to import and only plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from quantkit.calib.artifact import PLOTS_DIR, Calibration, save_calibration, starved_experts
 from quantkit.calib.data import DEFAULT_SOURCE, calibration_windows
-from quantkit.calib.imatrix import is_imatrix_gguf
+from quantkit.calib.imatrix import imatrix_entries, is_imatrix_gguf, write_imatrix_gguf
 from quantkit.calib.observers import LayerTaps, SiteStats, Statistics
 from quantkit.errors import QuantkitError
 from quantkit.model.archs.base import QUANTIZABLE_ROLES
@@ -24,8 +24,10 @@ from quantkit.model.finite import check_all_finite
 from quantkit.model.tokenizer import check_token_ids, load_tokenizer
 from quantkit.outputs import atomic_directory, atomic_file
 from quantkit.pipeline import LayerPipeline
+from quantkit.plan import make_plan
 from quantkit.progress import track
 from quantkit.ranges.selectors import RANGE_SELECTORS
+from quantkit.recipe import get_preset
 from quantkit.version import versions
 
 DEFAULT_MIN_EXPERT_TOKENS = 16
@@ -151,10 +153,6 @@ def settings_of(calibration: Calibration, trust_remote_code: bool = False) -> Ca
 
 def export_imatrix(calibration: Calibration, checkpoint: Checkpoint, path: Path) -> None:
     """Write the importance vectors (sum of x^2 and token counts) as a llama.cpp imatrix GGUF."""
-    from quantkit.calib.imatrix import imatrix_entries, write_imatrix_gguf
-    from quantkit.plan import make_plan
-    from quantkit.recipe import get_preset
-
     plan = make_plan(checkpoint, get_preset("int8"))
     per_weight: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for item in plan.tensors:
@@ -174,7 +172,7 @@ def selector_ranges(hist: Any, num_bits: int = 8) -> dict[str, float]:
 
 def _plots(stats: Statistics, patterns: tuple[str, ...], directory: Path) -> dict[str, str]:
     """Plot the chosen sites plus the ``WORST_PLOTS`` most outlier-dominated ones; site -> relative path."""
-    from quantkit.calib.plots import plot_ranges
+    from quantkit.calib.plots import plot_ranges  # deferred: matplotlib is slow to import and needed only here
 
     chosen = [n for n in stats.sites if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if patterns and not chosen:

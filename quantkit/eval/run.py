@@ -15,7 +15,9 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import EvalResult, evaluate
 from quantkit.eval.windows import make_windows
+from quantkit.formats.load import load_quantized
 from quantkit.jsonfile import read_json_object
+from quantkit.model.archs import ARCHS
 from quantkit.model.checkpoint import Checkpoint, resolve_model_path
 from quantkit.model.tokenizer import check_token_ids, load_tokenizer, transformers_refusal
 from quantkit.outputs import atomic_file
@@ -50,10 +52,7 @@ def load_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: b
 
     Code in the model directory (``auto_map``) runs only with ``trust_remote_code``; never a prompt.
     """
-    import transformers
-
-    from quantkit.formats.load import load_quantized
-    from quantkit.model.archs import ARCHS
+    import transformers  # deferred: slow to import; the CLI's --help and errors come without it
 
     transformers.logging.set_verbosity_error()
     if Checkpoint(path).model_type in ARCHS:
@@ -102,7 +101,7 @@ def run_perplexity(
 def results_record(
     model: Path, base: Path | None, dataset: str, settings: EvalSettings, text_tokens: int, result: EvalResult
 ) -> dict[str, Any]:
-    import transformers
+    import transformers  # deferred: slow to import; only its version is recorded here
 
     return {
         "quantkit_eval_version": EVAL_VERSION,

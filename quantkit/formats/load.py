@@ -93,7 +93,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     reference dequantization, in fp16), then cast to ``dtype`` (default: the checkpoint's
     ``dtype``/``torch_dtype``).
     """
-    import transformers
+    import transformers  # deferred: transformers takes seconds to import
 
     checkpoint = Checkpoint.open(path)
     arch = get_arch(checkpoint.model_type)
@@ -102,7 +102,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     if dtype is None:
         dtype = _config_dtype(config_dict)
     state = arch.to_memory_state(dequantized_state(checkpoint))
-    from transformers.initialization import no_init_weights
+    from transformers.initialization import no_init_weights  # deferred: transformers takes seconds to import
 
     with contextlib.redirect_stderr(io.StringIO()), no_init_weights():  # every weight is loaded below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

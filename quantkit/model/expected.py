@@ -14,7 +14,7 @@ from quantkit.model.checkpoint import Checkpoint
 
 def expected_disk_shapes(checkpoint: Checkpoint, arch: ArchSpec) -> dict[str, tuple[int, ...]]:
     """On-disk (per-expert) tensor names and shapes that transformers expects from this config."""
-    import transformers
+    import transformers  # deferred: transformers takes seconds to import
 
     transformers.logging.set_verbosity_error()  # its load warnings are not the user's business here
     config_dict = dict(checkpoint.config)

@@ -15,7 +15,7 @@ from quantkit.errors import QuantkitError
 
 def load_tokenizer(*paths: Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer of the first directory that has one (its own code only with ``trust_remote_code``)."""
-    import transformers
+    import transformers  # deferred: transformers takes seconds to import
 
     for path in paths:
         if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
