@@ -29,7 +29,7 @@ from quantkit.errors import QuantkitError
 Purpose = Literal["eval", "calibration"]
 PURPOSES: tuple[Purpose, ...] = ("eval", "calibration")
 TEXT_SUFFIXES = (".txt", ".raw", ".text")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
+DATA_FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
 LOCAL_JOINER = "\n\n"
 DATA_DIR_NAME = "calibration_data"
 RECIPE_FIELDS = {"dataset", "config", "calibration_split", "eval_split", "field", "joiner", "description"}
@@ -124,9 +124,9 @@ def load_text(dataset: str, text_field: str = "text", split: str | None = None,
     """Records from a hub dataset name or a local path, read for ``purpose``; one-line errors otherwise."""
     path = Path(dataset).expanduser()
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_SUFFIXES) if path.is_dir() else [path]
         if not files:
-            raise QuantkitError(f"no {'/'.join(SUFFIXES)} files in {path}")
+            raise QuantkitError(f"no {'/'.join(DATA_FILE_SUFFIXES)} files in {path}")
         records = [r for f in files for r in _read_file(f, text_field, purpose)]
         if not any(r.strip() for r in records):
             raise QuantkitError(f"no text in {path}")
@@ -153,7 +153,7 @@ def _read_file(file: Path, text_field: str, purpose: Purpose) -> list[str]:
         return _read_jsonl(file, text_field)
     if file.suffix == ".parquet":
         return _read_parquet(file, text_field)
-    raise QuantkitError(f"unsupported file type {file.suffix!r} for {file}; use one of {', '.join(SUFFIXES)}")
+    raise QuantkitError(f"unsupported file type {file.suffix!r} for {file}; use one of {', '.join(DATA_FILE_SUFFIXES)}")
 
 
 def _read_jsonl(file: Path, text_field: str) -> list[str]:

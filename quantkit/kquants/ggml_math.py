@@ -42,3 +42,14 @@ def from_fp16(bits: np.ndarray) -> np.ndarray:
     if bits.dtype == np.uint8:
         bits = bits.view(np.uint16)[..., 0] if bits.shape[-1] == 2 else bits.view(np.uint16)
     return bits.view(np.float16).astype(F32)
+
+
+def seq_sum(terms: np.ndarray) -> np.ndarray:
+    """C's ``float s = 0; for (i...) s += terms[i];`` over axis 0 of ``terms [n, groups]``.
+
+    numpy adds the rows of a contiguous 2-D array one after another; a single column would be one
+    contiguous run, which numpy sums pairwise, so it is widened to two.
+    """
+    if terms.shape[1] == 1:
+        return seq_sum(np.repeat(terms, 2, axis=1))[:1]
+    return np.add.reduce(np.ascontiguousarray(terms), axis=0, initial=F32(0))

@@ -35,7 +35,7 @@ from quantkit.kquants.search_qkx import (
     make_qkx_quants,
     make_qp_quants_pair,
     positive_max,
-    requantize,
+    requantize_with_mins,
     seq_sum,
 )
 
@@ -72,7 +72,7 @@ def encode_q2_k(blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray
     out[:, 82:84] = to_fp16(m_block)[:, None].view(np.uint8)
     d = from_fp16(out[:, 80:82])[:, None] * (out[:, :16] & 0xF).astype(F32)
     dm = from_fp16(out[:, 82:84])[:, None] * (out[:, :16] >> 4).astype(F32)
-    codes = requantize(x.reshape(SUB, -1), d.T.reshape(-1), dm.T.reshape(-1), codes, 3)
+    codes = requantize_with_mins(x.reshape(SUB, -1), d.T.reshape(-1), dm.T.reshape(-1), codes, 3)
     quads = codes.reshape(SUB, N_SUB, nb).transpose(2, 1, 0).reshape(nb, 2, 4, 32).astype(np.uint8)
     out[:, 16:80] = np.bitwise_or.reduce(quads << _SHIFT.reshape(1, 1, 4, 1), axis=2).reshape(nb, 64)
     return out

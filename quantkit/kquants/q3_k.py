@@ -39,7 +39,7 @@ from quantkit.kquants.search_qx import (
     make_q3_quants,
     make_qx_quants,
     nearest_clamped,
-    requantize,
+    requantize_symmetric,
     seq_sum,
     signed_abs_max,
 )
@@ -60,7 +60,7 @@ class Q3_K(BlockFormat):
             qw = element_major(np.broadcast_to(importance, rows.shape), 16)
             codes, scale_codes, d = _weighted_search(blocks, x, qw)
         sub_d = from_fp16(d)[:, None] * (scale_codes.astype(F32) - F32(32))
-        requantize(x, sub_d.reshape(-1), codes, 4)
+        requantize_symmetric(x, sub_d.reshape(-1), codes, 4)
         codes = np.ascontiguousarray(codes.T).reshape(n_blocks, QK_K)
 
         out = np.empty((n_blocks, self.type_size), dtype=np.uint8)

@@ -38,7 +38,7 @@ from quantkit.kquants.search_qkx import (
     make_qkx_quants,
     make_qp_quants_pair,
     positive_max,
-    requantize,
+    requantize_with_mins,
     seq_sum,
 )
 
@@ -108,7 +108,7 @@ def encode_k4(
     sc, mn = unpack_scales_k4(head[:, 4:])
     d = from_fp16(head[:, 0:2])[:, None] * sc.astype(F32)
     dm = from_fp16(head[:, 2:4])[:, None] * mn.astype(F32)
-    codes = requantize(x.reshape(SUB, -1), d.T.reshape(-1), dm.T.reshape(-1), codes, nmax)
+    codes = requantize_with_mins(x.reshape(SUB, -1), d.T.reshape(-1), dm.T.reshape(-1), codes, nmax)
     return head, codes.reshape(SUB, N_SUB, nb).transpose(2, 1, 0).reshape(nb, QK_K).astype(np.uint8)
 
 

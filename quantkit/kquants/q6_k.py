@@ -35,7 +35,7 @@ from quantkit.kquants.search_qx import (
     element_major,
     make_qx_quants,
     nearest_clamped,
-    requantize,
+    requantize_symmetric,
     signed_abs_max,
 )
 
@@ -59,7 +59,7 @@ class Q6_K(BlockFormat):
         # MIN(127, nearest_int(iscale * scale)); |iscale * scale| <= 128, so -128 bounds nothing
         sub_scales = nearest_clamped(iscale[:, None] * scales.reshape(n_blocks, 16), -128, 127).astype(np.int8)
         sub_d = from_fp16(d)[:, None] * sub_scales.astype(F32)
-        requantize(x, sub_d.reshape(-1), codes, 32)
+        requantize_symmetric(x, sub_d.reshape(-1), codes, 32)
 
         q = np.ascontiguousarray(codes.T).reshape(n_blocks, 2, 4, 32)
         high = q >> 4

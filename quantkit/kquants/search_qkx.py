@@ -18,19 +18,10 @@ from collections.abc import Callable
 import numpy as np
 
 from quantkit.kquants.base import QK_K
-from quantkit.kquants.ggml_math import F32, nearest_int
+from quantkit.kquants.ggml_math import F32, nearest_int, seq_sum
 
 GROUP_MAX_EPS = F32(1e-15)
 PIECE_BLOCKS = 512  # super-blocks encoded at a time: the search's temporaries stay cache-sized
-
-
-def seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order, as C's ``float sum = 0; for (i...) sum += a[i];`` (float32).
-
-    Where C starts from ``a[0]`` instead of 0 the two differ only if every term is -0.0, and then only in
-    the sign of a zero that no caller can observe.
-    """
-    return np.add.reduce(a, axis=0)
 
 
 def positive_max(values: np.ndarray) -> np.ndarray:
@@ -233,7 +224,7 @@ def make_qp_quants_pair(
     return both[:m], codes[:, :m], both[m:], codes[:, m:]
 
 
-def requantize(x: np.ndarray, d: np.ndarray, dm: np.ndarray, codes: np.ndarray, nmax: int) -> np.ndarray:
+def requantize_with_mins(x: np.ndarray, d: np.ndarray, dm: np.ndarray, codes: np.ndarray, nmax: int) -> np.ndarray:
     """Final pass: ``L = clamp(nearest_int((x + dm) / d), 0, nmax)`` where ``d != 0``, else keep ``codes``.
 
     ``x``/``codes`` element-major ``[n, m]``; ``d``/``dm`` (the decoded sub-block scale and min) ``[m]``.

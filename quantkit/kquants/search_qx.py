@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from quantkit.kquants.ggml_math import F32
+from quantkit.kquants.ggml_math import F32, seq_sum
 
 I32 = np.int32
 GROUP_MAX_EPS = F32(1e-15)  # ggml: groups whose largest |x| is below this quantize to zero
@@ -32,17 +32,6 @@ _RUN = np.dtype("V16")  # four float32 moved as one unit
 def element_major(blocks: np.ndarray, n: int) -> np.ndarray:
     """Split blocks into groups of ``n`` weights: float32 ``[n, groups]`` (contiguous)."""
     return np.ascontiguousarray(blocks.reshape(-1, n).T, dtype=F32)
-
-
-def seq_sum(terms: np.ndarray) -> np.ndarray:
-    """C's ``float s = 0; for (i...) s += terms[i];`` over axis 0 of ``terms [n, groups]``.
-
-    numpy adds the rows of a contiguous 2-D array one after another; a single column would be one
-    contiguous run, which numpy sums pairwise, so it is widened to two.
-    """
-    if terms.shape[1] == 1:
-        return seq_sum(np.repeat(terms, 2, axis=1))[:1]
-    return np.add.reduce(np.ascontiguousarray(terms), axis=0, initial=F32(0))
 
 
 def select(mask: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -229,7 +218,7 @@ def _blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> None:
     target.view(I32)[...] ^= bits
 
 
-def requantize(x: np.ndarray, d: np.ndarray, codes: np.ndarray, nmax: int) -> None:
+def requantize_symmetric(x: np.ndarray, d: np.ndarray, codes: np.ndarray, nmax: int) -> None:
     """The k-quants' final pass: ``L = nmax + clamp(nearest_int(x/d))`` where ``d != 0``, else keep ``L``.
 
     ``x`` and ``codes`` are element-major ``[n, groups]``; ``d`` is each sub-block's dequantized scale.
