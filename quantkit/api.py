@@ -70,7 +70,7 @@ class QuantizeOptions:
 
     overwrite: bool = False  # replace ``out`` if it is a previous quantkit output (never anything else)
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    seed: int = 0  # seeds torch; recorded in the report
+    seed: int = 0  # seeds torch and the GPTQ windows quantize samples itself; recorded in the report
     calibration: str | Path | None = None
     data: CalibrationSettings | None = None
     output_format: str = "auto"
@@ -122,7 +122,7 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
     checkpoint = plan.checkpoint
     written = WrittenWeights()
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
-    gptq_data = _gptq_data(hessian_items, options.data, calib)
+    gptq_data = _gptq_data(hessian_items, options.data, calib, options.seed)
 
     def finish(item: TensorPlan, weight: torch.Tensor, record: TensorRecord) -> None:
         if isinstance(item.scheme, IntConfig) and item.scheme.activations == "static":
@@ -153,7 +153,7 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
                     record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
                                    "tokens": result.tokens, "fallback": result.fallback}
                     finish(item, result.original, record)
-            report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len,
+            report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len, "seed": gptq_data.seed,
                            "dataset": gptq_data.dataset or "bundled default", "all_experts": gptq_data.all_experts,
                            "min_expert_tokens": gptq_data.min_expert_tokens}
         for source in track(plan.sources, "quantizing", options.show_progress, options.console):
@@ -285,13 +285,14 @@ def _needs_hessian(scheme: SchemeConfig) -> bool:
 
 
 def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
-               calib: Calibration | None) -> CalibrationSettings | None:
-    """The calibration windows GPTQ runs on: ``data``, else the calibration's, else the bundled text's."""
+               calib: Calibration | None, seed: int) -> CalibrationSettings | None:
+    """The calibration windows GPTQ runs on: ``data``, else the calibration's, else the bundled text's
+    (drawn with ``seed``)."""
     if not items:
         return None
     if data is not None:
         return data
-    return settings_of(calib) if calib is not None else CalibrationSettings()
+    return settings_of(calib) if calib is not None else CalibrationSettings(seed=seed)
 
 
 def _gptq_layers(

@@ -220,8 +220,12 @@ class QuantizeDataOptions(OptionGroup):
     ] = None
     device: Annotated[str, typer.Option("--device", help="GPTQ: cpu | cuda | auto.")] = "auto"
 
-    def settings(self, trust_remote_code: bool) -> CalibrationSettings | None:
-        """GPTQ's calibration windows, or None to let ``quantize`` take the calibration's/defaults."""
+    def settings(self, trust_remote_code: bool, seed: int) -> CalibrationSettings | None:
+        """GPTQ's calibration windows, or None to let ``quantize`` take the calibration's/defaults.
+
+        Windows sampled here are drawn with ``seed`` (quantize's ``--seed``); a calibration directory's
+        windows keep the seed they were drawn with.
+        """
         from quantkit.calib.artifact import load_calibration  # deferred: pulls in torch; --help stays fast
         from quantkit.calib.run import CalibrationSettings, settings_of
 
@@ -233,14 +237,14 @@ class QuantizeDataOptions(OptionGroup):
             return CalibrationSettings(
                 dataset=self.dataset, num_samples=self.num_samples or defaults.num_samples, seq_len=self.seq_len,
                 text_field=self.text_field, all_experts=self.all_experts, device=device,
-                trust_remote_code=trust_remote_code,
+                trust_remote_code=trust_remote_code, seed=seed,
                 min_expert_tokens=defaults.min_expert_tokens if self.min_expert_tokens is None
                 else self.min_expert_tokens,
             )
         if device == "cpu" and not trust_remote_code:
             return None
         base = (settings_of(load_calibration(self.calibration), trust_remote_code) if self.calibration is not None
-                else CalibrationSettings(trust_remote_code=trust_remote_code))
+                else CalibrationSettings(trust_remote_code=trust_remote_code, seed=seed))
         return dataclasses.replace(base, device=device)
 
 
@@ -268,7 +272,7 @@ def quantize_options(model: str | None, recipe: Recipe, output: OutputOptions, d
     from quantkit import api  # deferred: pulls in torch; --help stays fast
     from quantkit.model.checkpoint import resolve_model_path
 
-    settings = data.settings(trust_remote_code)
+    settings = data.settings(trust_remote_code, seed)
     out = output.out
     if out is None:
         suffix = ".gguf" if output.output_format == "gguf" else ""

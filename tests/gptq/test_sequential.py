@@ -171,6 +171,29 @@ def test_gptq_cli_end_to_end(tiny_lm: Path, test_text: Path, tmp_path: Path) -> 
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["desc_act"]
 
 
+@pytest.mark.parametrize("data", [[], ["--num-samples", "4", "--seq-len", "32"]])
+def test_seed_draws_the_gptq_windows_and_is_recorded(tiny_lm: Path, test_text: Path, tmp_path: Path,
+                                                     data: list[str]) -> None:
+    """--seed reaches the windows GPTQ samples (the bundled text, or --dataset's); the same seed, the same bytes."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    def run(seed: int, out: str) -> tuple[bytes, dict]:
+        dataset = ["--dataset", str(test_text)] if data else []
+        result = CliRunner().invoke(app, ["quantize", str(tiny_lm), "--method", "gptq", "--bits", "4", *dataset,
+                                          *data, "--seed", str(seed), "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / out / "quantkit_report.json").read_text())
+        return (tmp_path / out / "model.safetensors").read_bytes(), report
+
+    first, report = run(1, "a")
+    again, _ = run(1, "b")
+    other, _ = run(2, "c")
+    assert report["seed"] == report["gptq"]["seed"] == 1
+    assert first == again and first != other
+
+
 def test_gptq_reads_experts_stored_fused_exactly_as_per_expert(fused_on_disk: Path, tiny_lm: Path, test_text: Path,
                                                                 tmp_path: Path) -> None:
     """The same qwen3_moe weights saved per expert and fused (transformers' in-memory layout) give the same bytes."""
