@@ -132,6 +132,38 @@ def test_batching_does_not_change_the_result(tiny_lm: Path, test_text: Path) -> 
     assert one["ppl"] == pytest.approx(many["ppl"], rel=1e-5)
 
 
+def test_logits_in_chunks_give_the_full_logits_result(tiny_lm: Path, test_text: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head runs on LOGIT_CHUNK positions at a time; ppl, KL and agreement equal the whole-window logits'."""
+    from quantkit.api import QuantizeOptions, quantize
+    from quantkit.eval import perplexity
+    from quantkit.recipe import get_preset
+
+    out = tmp_path / "q"
+    quantize(tiny_lm, get_preset("int4-g128").with_default(group_size=16, bits=3), out,
+             options=QuantizeOptions(show_progress=False))
+    settings = EvalSettings(dataset=str(test_text), seq_len=64, max_windows=6)
+    chunked = []
+    monkeypatch.setattr(perplexity, "LOGIT_CHUNK", 7)  # 63 scored positions: 9 chunks per window
+    original = perplexity.scored_log_probs
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for log_probs, targets in original(*args, **kwargs):
+            chunked.append(targets.shape[1])
+            yield log_probs, targets
+
+    monkeypatch.setattr(perplexity, "scored_log_probs", counting)
+    small = run_perplexity(out, settings, base=tiny_lm)
+    assert set(chunked) == {7}
+    monkeypatch.setattr(perplexity, "LOGIT_CHUNK", 10**6)
+    chunked.clear()
+    whole = run_perplexity(out, settings, base=tiny_lm)
+    assert set(chunked) == {63}
+    for key in ("ppl", "base_ppl", "kl"):
+        assert small[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert small["top1_agreement"] == whole["top1_agreement"]
+
+
 def test_loader_matches_transformers_for_a_float_checkpoint(tiny_lm: Path) -> None:
     import transformers
 
