@@ -58,6 +58,7 @@ def run(*args: str | Path) -> tuple[int, str, str]:
 CASES = [
     ("absmax", "compressed-tensors", ()),
     ("zeropoint", "compressed-tensors", ()),
+    ("absmax", "compressed-tensors", ("--activations", "dynamic")),  # INT8 activations: the weights are the same
     ("gptq", "compressed-tensors", ("--act-order",)),
     ("gptq", "compressed-tensors", ("--act-order", "--static-groups")),
     ("gptq", "gptq-v1", ("--sym",)),
