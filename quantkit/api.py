@@ -241,6 +241,14 @@ def _finish_report(report: QuantReport, started: float) -> None:
     if row_fallbacks:
         report.notes.append(f"{row_fallbacks} k-quant weight(s) fell back to another type: rows not divisible by "
                             "the block size (see type_rule)")
+    partial = sum(1 for t in report.tensors if t.partial_group)
+    if partial:
+        report.notes.append(
+            f"{partial} weight(s) end each row in a shorter group (see partial_group): groups are columns "
+            "[k*g, (k+1)*g), so scales have ceil(in/g) columns. quantkit's loader reads them; "
+            "compressed-tensors' own decompressor (0.20) and transformers through it refuse a group size that "
+            "does not divide the row, GPTQ v1 readers use g_idx = column // g"
+        )
     report.wall_time_s = time.perf_counter() - started
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -341,6 +349,7 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fm
         bytes_before=bytes_before,
         bytes_after=bytes_after,
         rel_error=relative_error(weight, quantized.dequantize()),
+        partial_group=scheme.partial_group(item.shape[-1]) if isinstance(scheme, IntConfig) else None,
     )
 
 

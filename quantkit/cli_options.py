@@ -73,7 +73,9 @@ class SchemeOptions(OptionGroup):
         str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | fp16 | bf16.")
     ] = None
     bits: Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")] = None
-    group_size: Annotated[int | None, typer.Option("--group-size", "-g", help="Weights per scale along a row.")] = None
+    group_size: Annotated[int | None, typer.Option(
+        "--group-size", "-g", help="Weights per scale along a row (the last group may be shorter); -1 or 0: per row."
+    )] = None
     granularity: Annotated[
         str | None, typer.Option("--granularity", help="tensor | channel | group (a group size implies group).")
     ] = None

@@ -102,8 +102,10 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
     SchemeField("bits", "int", "Bits per weight of the integer methods.", interval=Interval(MIN_BITS, MAX_BITS)),
     SchemeField("granularity", "str", "One scale per tensor, per row (channel) or per `group_size` weights of a row.",
                 choices=get_args(Granularity)),
-    SchemeField("group_size", "int", "Weights per scale along a row; setting it implies `granularity: group`.",
-                interval=Interval(1), nullable=True, hint="use granularity: channel for one scale per row"),
+    SchemeField("group_size", "int", "Weights per scale along a row; setting it implies `granularity: group`. "
+                "The last group of a row is shorter when the size does not divide the row; -1 or 0 means one "
+                "scale per row (`granularity: channel`), as GPTQ tools spell it.",
+                interval=Interval(-1), nullable=True, hint="-1 or 0 means one scale per row"),
     SchemeField("range", "str", "The code range: `restricted` is symmetric, `full` adds the lowest code.",
                 choices=get_args(RangeMode)),
     SchemeField("clip", "str", "Weight clipping per channel or group.", choices=WEIGHT_CLIPS),

@@ -77,8 +77,17 @@ def group_actorder(config: IntConfig) -> bool:
 
 
 def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    """The group map of contiguous groups: column ``c`` belongs to group ``c // group_size``."""
+    """The group map of contiguous groups: column ``c`` is in group ``c // group_size`` (the last may be shorter)."""
     return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def stored_group_size(quantized: IntQuantized) -> int:
+    """Columns per group of a grouped ``quantized`` (``scale`` ``[out, n_groups]``): the scheme's group size,
+    whose last group may be shorter, or ``in / n_groups`` when the config has none (per channel, per tensor)."""
+    config, in_features = quantized.config, quantized.shape[1]
+    if config.granularity == "group" and config.group_size:
+        return config.group_size
+    return in_features // quantized.scale.shape[1]
 
 
 def _checked_g_idx(module: str, quantized: IntQuantized) -> torch.Tensor | None:
@@ -94,24 +103,30 @@ def _checked_g_idx(module: str, quantized: IntQuantized) -> torch.Tensor | None:
     if quantized.scale.ndim != 2 or (g_idx is None and not group_actorder(config)):
         return None
     n_groups = quantized.scale.shape[1]
-    contiguous = contiguous_g_idx(in_features, in_features // n_groups)
+    contiguous = contiguous_g_idx(in_features, stored_group_size(quantized))
     if g_idx is None:
         return contiguous
-    g_idx = validate_g_idx(module, g_idx, n_groups, in_features)
+    g_idx = validate_g_idx(module, g_idx, n_groups, in_features, stored_group_size(quantized))
     return g_idx if group_actorder(config) or not torch.equal(g_idx, contiguous) else None
 
 
-def validate_g_idx(module: str, g_idx: torch.Tensor, n_groups: int, in_features: int) -> torch.Tensor:
-    """``g_idx`` as int32 after checking it maps ``in_features`` columns onto ``n_groups`` equal groups.
+def validate_g_idx(
+    module: str, g_idx: torch.Tensor, n_groups: int, in_features: int, group_size: int | None = None
+) -> torch.Tensor:
+    """``g_idx`` as int32 after checking it maps ``in_features`` columns onto ``n_groups`` groups of ``group_size``.
 
-    Readers sort the columns by ``g_idx`` and cut contiguous groups, so every group needs the same
-    number of columns (GPTQ's act-order map ``g_idx[perm[i]] = i // group_size`` has that).
+    Readers sort the columns by ``g_idx`` and cut contiguous groups, so every group needs ``group_size``
+    columns but the last, which has the rest (GPTQ's act-order map ``g_idx[perm[i]] = i // group_size``
+    has that). Without ``group_size`` the groups are equal (``in / n_groups``).
     """
     g_idx = g_idx.to(torch.int32).contiguous()
-    size = in_features // n_groups
+    size = group_size or in_features // n_groups
+    sizes = torch.full((n_groups,), size)
+    sizes[-1] = in_features - (n_groups - 1) * size
     ok = g_idx.shape == (in_features,) and bool((g_idx >= 0).all()) and bool((g_idx < n_groups).all())
-    if not ok or bool((torch.bincount(g_idx.to(torch.long), minlength=n_groups) != size).any()):
-        raise ValueError(f"{module}: g_idx must give each of the {n_groups} groups exactly {size} columns")
+    if not ok or bool((torch.bincount(g_idx.to(torch.long), minlength=n_groups) != sizes).any()):
+        last = "" if int(sizes[-1]) == size else f" (the last {int(sizes[-1])})"
+        raise ValueError(f"{module}: g_idx must give each of the {n_groups} groups exactly {size} columns{last}")
     return g_idx
 
 

@@ -52,6 +52,7 @@ from quantkit.formats.compressed_tensors import (
     compact_targets,
     contiguous_g_idx,
     group_actorder,
+    stored_group_size,
     validate_g_idx,
 )
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
@@ -106,8 +107,9 @@ def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
     if not bool(torch.isfinite(scales).all()):
         raise QuantkitError(f"{module}: a scale overflows fp16, which GPTQ v1 stores scales in")
     n_groups = scale.shape[1]
-    g_idx = (contiguous_g_idx(in_features, in_features // n_groups) if quantized.g_idx is None
-             else validate_g_idx(module, quantized.g_idx, n_groups, in_features))
+    group_size = stored_group_size(quantized) if quantized.scale.ndim == 2 else in_features
+    g_idx = (contiguous_g_idx(in_features, group_size) if quantized.g_idx is None
+             else validate_g_idx(module, quantized.g_idx, n_groups, in_features, group_size))
     stored_zeros = (zero.to(torch.int16) - 1).to(torch.int8)  # signed view of z_u - 1
     return {
         f"{module}.qweight": pack_int32(codes, bits, dim=1).T.contiguous(),

@@ -37,6 +37,14 @@ class TensorRecord:
     gptq: dict[str, Any] | None = None  # GPTQ: loss, damp, retries, tokens, fallback
     type_rule: str | None = None  # kquant: the preset rule (or fallback) that chose the block type
     importance_tokens: int | None = None  # kquant with --calibration: tokens behind the importance (0: uniform)
+    partial_group: int | None = None  # group size not dividing the row: the last group's width (absent otherwise)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the report writes it; ``partial_group`` only where a row ends in a shorter group."""
+        record = asdict(self)
+        if record["partial_group"] is None:
+            del record["partial_group"]
+        return record
 
 
 @dataclass
@@ -95,7 +103,7 @@ class QuantReport:
             "calibration": self.calibration,
             "gptq": self.gptq,
             "gptq_layers": self.gptq_layers,
-            "tensors": [asdict(t) for t in self.tensors],
+            "tensors": [t.to_dict() for t in self.tensors],
         }
 
     def by_role(self) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_view, scale_shape, storage_dtype
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_views, join_groups, scale_shape, storage_dtype
 from quantkit.schemes.config import AbsmaxConfig
 from quantkit.schemes.grid import Grid
 
@@ -25,11 +25,15 @@ class AbsmaxScheme(Scheme[AbsmaxConfig]):
         self, weight: torch.Tensor, config: AbsmaxConfig, importance: torch.Tensor | None = None
     ) -> IntQuantized:
         grid = Grid(config.bits, True, storage_dtype(weight), config.range, config.clip, config.percentile)
-        groups = group_view(weight, config)  # (rows, n_groups, group)
-        scale, _ = grid.params(groups)  # (rows, n_groups)
+        scales, codes = [], []
+        for groups in group_views(weight, config):  # (rows, n_groups, group); a partial last group apart
+            scale, _ = grid.params(groups)  # (rows, n_groups)
+            scales.append(scale)
+            codes.append(grid.codes(groups, scale.unsqueeze(-1), None))
+        rows = weight.shape[0]
         return IntQuantized(
-            codes=grid.codes(groups, scale.unsqueeze(-1), None).reshape(weight.shape).to(torch.int8),
-            scale=scale.reshape(scale_shape(config, weight)),
+            codes=join_groups(codes, rows).reshape(weight.shape).to(torch.int8),
+            scale=join_groups(scales, rows).reshape(scale_shape(config, weight)),
             zero_point=None,
             config=config,
         )

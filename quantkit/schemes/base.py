@@ -116,7 +116,10 @@ SCHEMES: Registry[Scheme[Any]] = Registry("method")
 
 
 def group_view(weight: torch.Tensor, config: IntConfig) -> torch.Tensor:
-    """``weight`` as ``[rows, n_groups, group]`` for the config's granularity, in float32."""
+    """``weight`` as ``[rows, n_groups, group]`` for the config's granularity, in float32.
+
+    Only for groups that divide the row; :func:`group_views` also splits off a partial last group.
+    """
     out_features, in_features = weight.shape
     w = weight.to(torch.float32)
     if config.granularity == "tensor":
@@ -125,6 +128,36 @@ def group_view(weight: torch.Tensor, config: IntConfig) -> torch.Tensor:
         return w.reshape(out_features, 1, in_features)
     assert config.group_size is not None
     return w.reshape(out_features, in_features // config.group_size, config.group_size)
+
+
+def group_views(weight: torch.Tensor, config: IntConfig) -> list[torch.Tensor]:
+    """``weight`` as float32 ``[rows, n_groups, group]`` pieces whose groups, in order, cover each row.
+
+    One piece when the groups divide the row (:func:`group_view`); otherwise the full groups
+    ``[rows, in // g, g]`` (left out when the row is shorter than a group) and the partial last
+    group ``[rows, 1, in % g]``: groups are columns ``[k * g, (k + 1) * g)``, the last one shorter, as
+    in the reference GPTQ and compressed-tensors. Each group's range is then its own columns only.
+    """
+    partial = config.partial_group(int(weight.shape[1]))
+    if partial is None:
+        return [group_view(weight, config)]
+    assert config.group_size is not None
+    w = weight.to(torch.float32)
+    full = weight.shape[1] - partial
+    pieces = [w[:, :full].reshape(weight.shape[0], full // config.group_size, config.group_size)] if full else []
+    return [*pieces, w[:, full:].reshape(weight.shape[0], 1, partial)]
+
+
+def join_groups(pieces: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Per-group values of :func:`group_views`' pieces side by side as ``[rows, ...]`` (inverse of the split)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([p.reshape(rows, -1) for p in pieces], dim=1)
+
+
+def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Each column's group ``c // group_size`` (int64 ``[in]``); the last group may be shorter."""
+    return torch.arange(in_features, device=device) // group_size
 
 
 def storage_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -154,7 +187,8 @@ def dequantize_codes(
     """``(codes - zero_point) * scale`` broadcast over groups, in ``scale.dtype``.
 
     With ``g_idx`` (int ``[in]``), column ``c`` uses scale and zero-point column ``g_idx[c]``
-    (act-order groups); otherwise groups are contiguous runs of ``in / n_groups`` columns.
+    (act-order groups); otherwise groups are contiguous runs of ``group_size`` columns, the last one
+    shorter when ``group_size`` does not divide the row (without a ``group_size``, ``in / n_groups``).
     """
     out_features, in_features = codes.shape
     if scale.ndim == 1:  # per-tensor
@@ -162,6 +196,8 @@ def dequantize_codes(
         if zero_point is not None:
             values = values - zero_point.to(scale.dtype)
         return values * scale
+    if g_idx is None and group_size and scale.shape[1] > 1 and in_features % group_size:  # a partial last group
+        g_idx = group_index(in_features, group_size, codes.device)
     if g_idx is not None:
         index = g_idx.to(torch.long)
         values = codes.to(scale.dtype)

@@ -25,6 +25,7 @@ MIN_BITS, MAX_BITS = 2, 8
 WEIGHT_CLIPS = ("minmax", "percentile", "mse")
 ACTIVATION_MODES = ("none", "static", "dynamic")
 ACTIVATION_BITS = 8
+PER_CHANNEL_GROUP_SIZES = (-1, 0)  # GPTQ tooling's spelling of "no groups": one scale per row
 
 
 class SettingNotApplicable(QuantkitError):
@@ -84,6 +85,11 @@ class SchemeConfig(ABC):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+def n_groups(in_features: int, group_size: int) -> int:
+    """Scale columns of a row of ``in_features`` in groups of ``group_size`` (the last one may be shorter)."""
+    return -(-in_features // group_size)
+
+
 def config_type(method: str) -> type[SchemeConfig]:
     """The config class of a registered method (one-line error for an unknown one)."""
     from quantkit.schemes.base import SCHEMES  # the registry is filled by the scheme modules, which import this one
@@ -124,10 +130,15 @@ class IntConfig(SchemeConfig):
         return ""
 
     def _normalised(self, changed: Set[str]) -> SchemeConfig:
-        """A group size implies group granularity; other granularities have none."""
+        """A group size implies group granularity; other granularities have none.
+
+        A group size of -1 or 0 means per channel, as GPTQ tooling spells it (``group_size: -1``).
+        """
         updated = self
         if "group_size" in changed and "granularity" not in changed:
             updated = replace(updated, granularity="group")
+        if updated.granularity == "group" and updated.group_size in PER_CHANNEL_GROUP_SIZES:
+            updated = replace(updated, granularity="channel")
         if updated.granularity != "group":
             updated = replace(updated, group_size=None)
         return updated
@@ -138,7 +149,10 @@ class IntConfig(SchemeConfig):
         if self.granularity not in ("tensor", "channel", "group"):
             raise QuantkitError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
         if self.granularity == "group" and (self.group_size is None or self.group_size <= 0):
-            raise QuantkitError(f"group granularity needs a positive group size, got {self.group_size}")
+            raise QuantkitError(
+                f"group granularity needs a positive group size, got {self.group_size} "
+                "(group size -1 or 0 means one scale per row: granularity channel)"
+            )
         if self.clip not in WEIGHT_CLIPS:
             raise QuantkitError(f"weight clip must be one of {', '.join(WEIGHT_CLIPS)}, got {self.clip!r}")
         if not 0 < self.percentile <= 100:
@@ -152,15 +166,21 @@ class IntConfig(SchemeConfig):
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
             raise QuantkitError(f"{name}: {self.method} quantizes 2-D weights, got shape {list(shape)}")
-        if self.granularity == "group" and self.group_size and shape[1] % self.group_size:
-            raise QuantkitError(
-                f"{name}: group size {self.group_size} does not divide its row length {shape[1]}"
-            )
+
+    def partial_group(self, in_features: int) -> int | None:
+        """The width of the last, shorter group of a row of ``in_features``; None when groups divide the row.
+
+        Groups are columns ``[k * g, (k + 1) * g)`` and the last one ends at the row's end, as in the
+        reference GPTQ and compressed-tensors: a row shorter than the group is one group.
+        """
+        if self.granularity != "group" or not self.group_size or in_features % self.group_size == 0:
+            return None
+        return in_features % self.group_size
 
     def bits_per_weight(self, shape: tuple[int, ...], scale_bits: int) -> float:
         out_features, in_features = shape
         n_scales = {"tensor": 1, "channel": out_features}.get(
-            self.granularity, out_features * in_features // (self.group_size or in_features)
+            self.granularity, out_features * n_groups(in_features, self.group_size or in_features)
         )
         per_scale = scale_bits + (self.bits if self.writes_zero_points else 0)
         return self.bits + n_scales * per_scale / (out_features * in_features)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.schemes.base import IntQuantized, storage_dtype
+from quantkit.schemes.base import IntQuantized, group_index, storage_dtype
 from quantkit.schemes.config import MAX_BITS, MIN_BITS, IntConfig
 from quantkit.schemes.grid import Grid
 
@@ -46,7 +46,8 @@ class GptqResult:
     Codes, scales and zero points follow :class:`~quantkit.schemes.base.IntQuantized`; columns are in their
     natural order. ``g_idx`` (int32 ``[..., in]``) maps each column to its group when act-order makes groups
     non-contiguous (act-order with groups, not static); otherwise it is None and group ``k`` is columns
-    ``k * group_size`` to ``(k + 1) * group_size``.
+    ``k * group_size`` to ``(k + 1) * group_size``, the last group shorter when the size does not divide
+    the row.
     """
 
     codes: torch.Tensor  # int8 [..., out, in]
@@ -97,7 +98,7 @@ class GptqResult:
         columns = self.codes.shape[-1]
         g_idx = self.g_idx
         if g_idx is None:
-            g_idx = torch.arange(columns, device=self.codes.device) // (columns // self.scale.shape[-1])
+            g_idx = group_index(columns, self.config.group_size or columns, self.codes.device)
         index = g_idx.to(torch.int64).unsqueeze(-2).expand(self.codes.shape)
         values = self.codes.to(self.scale.dtype)
         if self.zero_point is not None:
@@ -142,7 +143,7 @@ def gptq_quantize(
     H.diagonal(dim1=-2, dim2=-1).masked_fill_(dead, 1)
     W.masked_fill_(dead.unsqueeze(1), 0)
 
-    n_groups = columns // group
+    n_groups = -(-columns // group)  # the last group is shorter when group does not divide columns
     scale = torch.empty(experts, rows, n_groups, dtype=grid.dtype, device=W.device)
     zero = None if symmetric else torch.empty(experts, rows, n_groups, device=W.device)
     if static:  # ref: quantizer.find_params(W[:, i:(i + groupsize)], weight=True) for every group, before act-order
@@ -235,16 +236,26 @@ def _check(
         )
     if not MIN_BITS <= bits <= MAX_BITS:
         raise QuantkitError(f"{name}: GPTQ bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-    if group_size is not None and (group_size <= 0 or weight.shape[-1] % group_size):
-        raise QuantkitError(f"{name}: group size {group_size} does not divide its row length {weight.shape[-1]}")
+    if group_size is not None and group_size <= 0:
+        raise QuantkitError(f"{name}: GPTQ group size must be positive (None for per channel), got {group_size}")
     if block_size < 1:
         raise QuantkitError(f"{name}: GPTQ block size must be positive, got {block_size}")
 
 
 def _group_params(grid: Grid, W: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point ``[E, rows, n_groups]`` of the groups of ``group`` consecutive columns of ``W``."""
+    """Scale and zero point ``[E, rows, n_groups]`` of the groups of ``group`` consecutive columns of ``W``.
+
+    The last group is shorter when ``group`` does not divide the columns; its range is its own columns only.
+    """
     experts, rows, columns = W.shape
-    scale, zero = grid.params(W.reshape(experts * rows, columns // group, group))
+    full = columns - columns % group
+    pieces = [W[..., :full].reshape(experts * rows, full // group, group)] if full else []
+    if full < columns:
+        pieces.append(W[..., full:].reshape(experts * rows, 1, columns - full))
+    params = [grid.params(piece) for piece in pieces]
+    scale = torch.cat([p[0] for p in params], dim=-1)
+    zeros = [p[1] for p in params if p[1] is not None]
+    zero = torch.cat(zeros, dim=-1) if zeros else None
     return scale.view(experts, rows, -1), None if zero is None else zero.view(experts, rows, -1)
 
 

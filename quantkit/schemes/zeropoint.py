@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_view, scale_shape, storage_dtype
+from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme, group_views, join_groups, scale_shape, storage_dtype
 from quantkit.schemes.config import ZeropointConfig
 from quantkit.schemes.grid import Grid
 
@@ -22,14 +22,18 @@ class ZeroPointScheme(Scheme[ZeropointConfig]):
         self, weight: torch.Tensor, config: ZeropointConfig, importance: torch.Tensor | None = None
     ) -> IntQuantized:
         grid = Grid(config.bits, False, storage_dtype(weight), clip=config.clip, percentile=config.percentile)
-        groups = group_view(weight, config)  # (rows, n_groups, group)
-        scale, zero_point = grid.params(groups)  # (rows, n_groups)
-        assert zero_point is not None
-        codes = grid.codes(groups, scale.unsqueeze(-1), zero_point.unsqueeze(-1))
+        scales, zeros, codes = [], [], []
+        for groups in group_views(weight, config):  # (rows, n_groups, group); a partial last group apart
+            scale, zero_point = grid.params(groups)  # (rows, n_groups)
+            assert zero_point is not None
+            scales.append(scale)
+            zeros.append(zero_point)
+            codes.append(grid.codes(groups, scale.unsqueeze(-1), zero_point.unsqueeze(-1)))
+        rows = weight.shape[0]
         return IntQuantized(
-            codes=codes.reshape(weight.shape).to(torch.int8),
-            scale=scale.reshape(scale_shape(config, weight)),
-            zero_point=zero_point.to(torch.int8).reshape(scale_shape(config, weight)),
+            codes=join_groups(codes, rows).reshape(weight.shape).to(torch.int8),
+            scale=join_groups(scales, rows).reshape(scale_shape(config, weight)),
+            zero_point=join_groups(zeros, rows).to(torch.int8).reshape(scale_shape(config, weight)),
             config=config,
         )
 

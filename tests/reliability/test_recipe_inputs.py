@@ -156,12 +156,19 @@ def test_type_confusion_is_refused(tmp_path: Path, body: str, expected: str) -> 
 
 
 @pytest.mark.parametrize("group_size", [-1, 0])
-def test_non_positive_group_size_hints_at_channel_granularity(tmp_path: Path, group_size: int) -> None:
+def test_group_size_minus_one_or_zero_is_per_channel(tmp_path: Path, group_size: int) -> None:
+    """GPTQ tooling spells "no groups" as group_size -1 (or 0); quantkit reads both as granularity channel."""
     for granularity in ("group", "channel"):
-        message = recipe_error(tmp_path, f"version: 1\ndefault: {{method: gptq, bits: 4, group_size: {group_size}, "
-                                         f"granularity: {granularity}}}\n")
-        assert message == (f"default.group_size must be at least 1, got {group_size}; "
-                           "use granularity: channel for one scale per row")
+        path = tmp_path / f"{granularity}.yaml"
+        path.write_text(f"version: 1\ndefault: {{method: gptq, bits: 4, group_size: {group_size}, "
+                        f"granularity: {granularity}}}\n")
+        default = load_recipe(path).default
+        assert (default.granularity, default.group_size) == ("channel", None)  # type: ignore[attr-defined]
+
+
+def test_group_size_below_minus_one_hints_at_channel_granularity(tmp_path: Path) -> None:
+    message = recipe_error(tmp_path, "version: 1\ndefault: {method: gptq, bits: 4, group_size: -2}\n")
+    assert message == "default.group_size must be at least -1, got -2; -1 or 0 means one scale per row"
 
 
 @pytest.mark.parametrize("version", ["true", "1.0", "'1'", "2", "null"])
