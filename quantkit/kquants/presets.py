@@ -39,7 +39,7 @@ import gguf
 from quantkit.errors import QuantkitError
 from quantkit.registry import Registry
 
-OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16")
+OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")
 KEEP = "F32"  # the type reported for a tensor that is left as it is
 
 # tensor_type_fallback, with Q8_0 in place of llama.cpp's Q5_1 for Q5_K (see the module docstring)
@@ -47,7 +47,7 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q8_0", "Q6
 
 
 def block_size(type_name: str) -> int:
-    """Weights per block of a ggml type (256 for k-quants, 32 for Q4_0/Q5_0/Q8_0, 1 for F16/F32)."""
+    """Weights per block of a ggml type (256 for k-quants, 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 1 for F16/F32)."""
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
 
 
