@@ -26,6 +26,8 @@ def c_uint8_of(values: np.ndarray) -> np.ndarray:
     The compiler truncates to a 32-bit integer (``cvttss2si``) and keeps the low byte; NaN, infinities
     and values beyond int32 become ``INT_MIN``, whose low byte is 0.
     """
+    if np.all((values >= 0) & (values < 256)):  # the usual case: truncation is the cast (False for NaN)
+        return values.astype(np.uint8)
     inside = np.abs(values) < F32(2.0**31)  # False for NaN and infinities
     whole = np.trunc(np.where(inside, values, F32(0))).astype(np.int64)
     return (whole & 0xFF).astype(np.uint8)

@@ -255,26 +255,40 @@ def asymmetric_32_tiles(
             qw = np.tile(importance.reshape(-1, 32).T, (1, rows.shape[0]))
         for start in range(0, blocks.shape[0], tile):
             part = slice(start, start + tile)
-            x = element_major(blocks[part], 32)
             if importance is None:
-                yield (part, *_reference_min_max_codes(x, nmax))
+                yield (part, *_reference_min_max_codes(blocks[part], nmax))
             else:
+                x = element_major(blocks[part], 32)
                 scale, the_min, levels = make_qkx_quants(
                     x, qw[:, part] * np.sqrt(sigma2[part] + x * x), nmax, -0.9, 0.05, 36, False
                 )
                 yield part, scale, -the_min, np.ascontiguousarray(levels.T).astype(np.uint8)
 
 
-def _reference_min_max_codes(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``quantize_row_q{4,5}_1_ref`` on element-major ``x [32, G]``: ``(d, min, codes [G, 32])``."""
-    low = np.full(x.shape[1], np.finfo(F32).max, dtype=F32)
-    high = -low
-    for v in x:  # C's ``if (v < min) min = v; if (v > max) max = v;``: NaNs skipped, the first of equal values kept
-        low = np.where(v < low, v, low)
-        high = np.where(v > high, v, high)
+def _reference_min_max_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q{4,5}_1_ref`` on ``blocks [G, 32]``: ``(d, min, codes [G, 32])``."""
+    low, high = np.fmin.reduce(blocks, axis=1), np.fmax.reduce(blocks, axis=1)
+    # C's ``if (v < min) min = v; if (v > max) max = v;`` from FLT_MAX / -FLT_MAX skips NaNs and keeps the first
+    # of equal values; fmin/fmax may pick either zero of -0.0 and +0.0 and give NaN for an all-NaN block
+    unsure = np.flatnonzero(np.isnan(low) | (low == 0) | (high == 0))
+    if unsure.size:
+        low[unsure], high[unsure] = _sequential_min_max(blocks[unsure])
     d = (high - low) / F32(nmax)
     inverse = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    codes = c_uint8_of((x - low) * inverse + F32(0.5))
+    shifted = blocks - low[:, None]
+    shifted *= inverse[:, None]
+    shifted += F32(0.5)
+    codes = c_uint8_of(shifted)
     if nmax == 15:  # Q4_1: MIN(15, (int8_t)(...)) stored in a uint8_t
         codes = np.minimum(codes.view(np.int8), np.int8(15)).view(np.uint8)
-    return d, low, np.ascontiguousarray(codes.T)
+    return d, low, codes
+
+
+def _sequential_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's min/max loop over ``blocks [G, 32]``, element by element."""
+    low = np.full(blocks.shape[0], np.finfo(F32).max, dtype=F32)
+    high = -low
+    for v in blocks.T:
+        low = np.where(v < low, v, low)
+        high = np.where(v > high, v, high)
+    return low, high
