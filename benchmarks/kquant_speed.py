@@ -5,7 +5,9 @@ called once over the whole matrix through ctypes (one thread), built by
 ``python -m tests.ggml_reference build`` (skipped when absent). Both encode the same gaussian
 matrix, with and without an importance vector; outputs are compared byte for byte on the way.
 
-    python benchmarks/kquant_speed.py [--size 4096] [--repeats 3]
+    python benchmarks/kquant_speed.py [--size 4096] [--repeats 3] [--types Q4_1 Q5_1]
+
+With ``--types`` only those rows are measured and merged into the results file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from quantkit.kquants import encode  # noqa: E402
 from tests.ggml_reference import SDIST_VERSION, reference  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "kquant_speed.json"
-TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
 
 
 def best_seconds(run: Any, repeats: int) -> tuple[float, Any]:
@@ -43,14 +45,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--types", nargs="+", choices=TYPES, help="measure only these and merge them in")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     matrix = (rng.standard_normal((args.size, args.size)) * 0.02).astype(np.float32)
     importance = rng.lognormal(0, 1.5, args.size).astype(np.float32)
     ref = reference()
     rows: dict[str, dict[str, Any]] = {}
+    if args.types and RESULTS.is_file():
+        rows = json.loads(RESULTS.read_text())["results"]
     n = matrix.size
-    for type_name in TYPES:
+    for type_name in args.types or TYPES:
         for label, weights in (("ref", None), ("imatrix", importance)):
             ours_s, ours = best_seconds(lambda t=type_name, w=weights: encode(t, matrix, w), args.repeats)
             row: dict[str, Any] = {"quantkit_weights_per_s": n / ours_s, "quantkit_seconds": ours_s}

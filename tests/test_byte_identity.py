@@ -83,6 +83,8 @@ DEMO_CASES: dict[str, Case] = {
     "kquant-Q6_K": Case("demo", ("--method", "kquant", "--type", "Q6_K")),
     "kquant-Q4_0": Case("demo", ("--method", "kquant", "--type", "Q4_0")),
     "kquant-Q5_0": Case("demo", ("--method", "kquant", "--type", "Q5_0")),
+    "kquant-Q4_1": Case("demo", ("--method", "kquant", "--type", "Q4_1")),
+    "kquant-Q5_1": Case("demo", ("--method", "kquant", "--type", "Q5_1")),
     "preset-Q4_K_M": Case("demo", ("--preset", "Q4_K_M")),
     "preset-Q3_K_S-shared-Q6_K": Case("demo", ("--preset", "Q3_K_S", "--shared-experts-type", "Q6_K",
                                                "--dense-ffn-type", "Q8_0")),

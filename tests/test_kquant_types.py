@@ -194,7 +194,7 @@ def test_importance_lowers_the_weighted_error_of_every_tensor(wide_model: Path, 
     arch = get_arch("deepseek_v3")
     names = [n for n in source.tensors if n.endswith("proj.weight") and source.tensors[n].shape[1] % 256 == 0]
     assert len(names) >= 20
-    for type_name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0"):
+    for type_name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1"):
         for name in names:
             importance, tokens = calib.importance(arch, name)
             if tokens == 0:

@@ -1,4 +1,4 @@
-"""GGUF block quantization: ggml's k-quants (Q2_K..Q6_K) and the Q4_0/Q5_0/Q8_0 formats.
+"""GGUF block quantization: ggml's k-quants (Q2_K..Q6_K) and the Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 formats.
 
 Each block format is one module registering a :class:`BlockFormat` in :data:`BLOCK_FORMATS`.
 """
@@ -7,8 +7,10 @@ from quantkit.kquants import (
     q2_k,  # noqa: F401  (registers its format)
     q3_k,  # noqa: F401  (registers its format)
     q4_0,  # noqa: F401  (registers its format)
+    q4_1,  # noqa: F401  (registers its format)
     q4_k,  # noqa: F401  (registers its format)
     q5_0,  # noqa: F401  (registers its format)
+    q5_1,  # noqa: F401  (registers its format)
     q5_k,  # noqa: F401  (registers its format)
     q6_k,  # noqa: F401  (registers its format)
     q8_0,  # noqa: F401  (registers its format)

@@ -20,6 +20,19 @@ def nearest_int(values: np.ndarray) -> np.ndarray:
     return (shifted & 0x007FFFFF) - 0x00400000
 
 
+def c_uint8_of(values: np.ndarray) -> np.ndarray:
+    """C's ``(uint8_t)`` / ``(int8_t)`` of float32 ``values`` on x86-64, as the low byte (uint8).
+
+    The compiler truncates to a 32-bit integer (``cvttss2si``) and keeps the low byte; NaN, infinities
+    and values beyond int32 become ``INT_MIN``, whose low byte is 0.
+    """
+    if np.all((values >= 0) & (values < 256)):  # the usual case: truncation is the cast (False for NaN)
+        return values.astype(np.uint8)
+    inside = np.abs(values) < F32(2.0**31)  # False for NaN and infinities
+    whole = np.trunc(np.where(inside, values, F32(0))).astype(np.int64)
+    return (whole & 0xFF).astype(np.uint8)
+
+
 def roundf(values: np.ndarray) -> np.ndarray:
     """C ``roundf`` (halves away from zero) of float32 values, as float32."""
     v = np.asarray(values, dtype=np.float64)

@@ -14,12 +14,11 @@ types Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K and Q8_0 with no imatrix and no
 * with no ``output.weight`` (tied embeddings) ``token_embd`` takes the output rules.
 
 Left out: the architecture- and size-specific rules (Falcon, GLM5-next, the Llama-70B attn_v bump,
-which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. Differences from llama.cpp:
+which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. The row-length fallback is
+``tensor_type_fallback``'s table (llama-quant.cpp lines 390-440): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0, a 32-block type keeps its type, and a row that the fallback's block does
+not divide either becomes F16 (IQ4_NL is only the IQ types' fallback there). Differences from llama.cpp:
 
-* row-length fallback: llama.cpp's Q5_K -> Q5_1 has no Q5_1 here, so Q5_K falls back to Q8_0:
-  Q5_0 would be a downgrade (llama-quantize lists Q5_0 at +0.1316 ppl against Q5_K_S's +0.1049 on
-  Llama-3-8B), and llama.cpp's fallbacks never lose accuracy. Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0 and
-  Q6_K -> Q8_0 are llama.cpp's own; a row that is not a multiple of 32 either stays F16;
 * two MoE options llama.cpp lacks: ``--shared-experts-type`` sets the shared experts
   (``ffn_{gate,up,down}_shexp``) and ``--dense-ffn-type`` the FFN of dense blocks (``ffn_{gate,up,down}``
   without experts, e.g. DeepSeek's first_k_dense_replace blocks; in a dense model that is every FFN).
@@ -39,15 +38,16 @@ import gguf
 from quantkit.errors import QuantkitError
 from quantkit.registry import Registry
 
-OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16")
+OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")
 KEEP = "F32"  # the type reported for a tensor that is left as it is
 
-# tensor_type_fallback, with Q8_0 in place of llama.cpp's Q5_1 for Q5_K (see the module docstring)
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}
+# tensor_type_fallback's switch (llama-quant.cpp, llama-cpp-python 0.3.36), for the types quantkit encodes;
+# a type not listed (the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) falls back to itself, then to F16
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def block_size(type_name: str) -> int:
-    """Weights per block of a ggml type (256 for k-quants, 32 for Q4_0/Q5_0/Q8_0, 1 for F16/F32)."""
+    """Weights per block of a ggml type (256 for k-quants, 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 1 for F16/F32)."""
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
 
 
@@ -362,6 +362,6 @@ def preset_rules(preset: str) -> list[tuple[str, str]]:
         ("other weights (2-D and 3-D)", base),
         (
             "then: rows not a multiple of the type's block",
-            "Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K/Q6_K -> Q8_0; F16 if not a multiple of 32",
+            "Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if not a multiple of 32",
         ),
     ]

@@ -29,6 +29,12 @@ from quantkit.kquants.search_qx import pack_nibbles, symmetric_32_tiles
 _GATHER_BITS = np.uint64(0x0102040810204080)
 
 
+def pack_high_bits(codes: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's ``qh``: bit j of a little-endian uint32 = bit 4 of code j; codes uint8 ``[G, 32]`` -> ``[G, 4]``."""
+    high = (codes.view(np.uint64) >> np.uint64(4)) & np.uint64(0x0101010101010101)  # 0/1 per byte
+    return ((high * _GATHER_BITS) >> np.uint64(56)).astype(np.uint8)
+
+
 class Q5_0(BlockFormat):
     name = "Q5_0"
     ggml_type = gguf.GGMLQuantizationType.Q5_0
@@ -37,8 +43,7 @@ class Q5_0(BlockFormat):
         out = np.empty((rows.size // self.block_size, self.type_size), dtype=np.uint8)
         for blocks, d, codes in symmetric_32_tiles(rows, importance, 16):
             out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
-            high = (codes.view(np.uint64) >> np.uint64(4)) & np.uint64(0x0101010101010101)  # 0/1 per byte
-            out[blocks, 2:6] = ((high * _GATHER_BITS) >> np.uint64(56)).astype(np.uint8)
+            out[blocks, 2:6] = pack_high_bits(codes)
             out[blocks, 6:] = pack_nibbles(codes)
         return out.reshape(rows.shape[0], -1)
 

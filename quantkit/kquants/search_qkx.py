@@ -13,12 +13,13 @@ in that order, whereas numpy's reductions along a contiguous axis are pairwise a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from quantkit.kquants.base import QK_K
-from quantkit.kquants.ggml_math import F32, nearest_int, seq_sum
+from quantkit.kquants.ggml_math import F32, c_uint8_of, nearest_int, seq_sum
+from quantkit.kquants.search_qx import element_major, row_sigma2
 
 GROUP_MAX_EPS = F32(1e-15)
 PIECE_BLOCKS = 512  # super-blocks encoded at a time: the search's temporaries stay cache-sized
@@ -232,3 +233,62 @@ def requantize_with_mins(x: np.ndarray, d: np.ndarray, dm: np.ndarray, codes: np
     live = d != 0
     fresh = np.clip(nearest_int((x + dm) / np.where(live, d, F32(1))), 0, nmax).astype(F32)
     return np.where(live, fresh, codes)
+
+
+def asymmetric_32_tiles(
+    rows: np.ndarray, importance: np.ndarray | None, nmax: int, tile_weights: int = 1 << 17
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+    """Q4_1/Q5_1's encoders (``nmax`` 15/31), tile by tile: ``(blocks, d, m, codes)``.
+
+    ``blocks`` is the tile's slice of the row-major 32-blocks of ``rows``; ``d``/``m`` float32 scale and
+    minimum (weight = d * q + m); ``codes`` the C ``uint8_t`` codes ``[tile, 32]`` (for Q4_1 after its
+    ``MIN(15, (int8_t)...)``). Without importance ``quantize_row_q{4,5}_1_ref``: ``min``/``max`` of the
+    block, ``d = (max - min) / nmax``, ``q = (x - min) * (1/d) + 0.5`` truncated. With importance
+    ``quantize_row_q{4,5}_1_impl``: ``make_qkx3_quants(32, nmax, rmin -0.9, rdelta 0.05, 36 steps)``
+    weighted by ``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, ``sigma2`` the row's mean square, ``m = -the_min``.
+    """
+    blocks = rows.reshape(-1, 32)
+    tile = tile_weights // 32
+    with np.errstate(all="ignore"):  # like C, degenerate blocks overflow or divide by zero
+        if importance is not None:
+            sigma2 = np.repeat(row_sigma2(rows), rows.shape[1] // 32)
+            qw = np.tile(importance.reshape(-1, 32).T, (1, rows.shape[0]))
+        for start in range(0, blocks.shape[0], tile):
+            part = slice(start, start + tile)
+            if importance is None:
+                yield (part, *_reference_min_max_codes(blocks[part], nmax))
+            else:
+                x = element_major(blocks[part], 32)
+                scale, the_min, levels = make_qkx_quants(
+                    x, qw[:, part] * np.sqrt(sigma2[part] + x * x), nmax, -0.9, 0.05, 36, False
+                )
+                yield part, scale, -the_min, np.ascontiguousarray(levels.T).astype(np.uint8)
+
+
+def _reference_min_max_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q{4,5}_1_ref`` on ``blocks [G, 32]``: ``(d, min, codes [G, 32])``."""
+    low, high = np.fmin.reduce(blocks, axis=1), np.fmax.reduce(blocks, axis=1)
+    # C's ``if (v < min) min = v; if (v > max) max = v;`` from FLT_MAX / -FLT_MAX skips NaNs and keeps the first
+    # of equal values; fmin/fmax may pick either zero of -0.0 and +0.0 and give NaN for an all-NaN block
+    unsure = np.flatnonzero(np.isnan(low) | (low == 0) | (high == 0))
+    if unsure.size:
+        low[unsure], high[unsure] = _sequential_min_max(blocks[unsure])
+    d = (high - low) / F32(nmax)
+    inverse = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    shifted = blocks - low[:, None]
+    shifted *= inverse[:, None]
+    shifted += F32(0.5)
+    codes = c_uint8_of(shifted)
+    if nmax == 15:  # Q4_1: MIN(15, (int8_t)(...)) stored in a uint8_t
+        codes = np.minimum(codes.view(np.int8), np.int8(15)).view(np.uint8)
+    return d, low, codes
+
+
+def _sequential_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's min/max loop over ``blocks [G, 32]``, element by element."""
+    low = np.full(blocks.shape[0], np.finfo(F32).max, dtype=F32)
+    high = -low
+    for v in blocks.T:
+        low = np.where(v < low, v, low)
+        high = np.where(v > high, v, high)
+    return low, high

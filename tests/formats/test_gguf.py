@@ -33,7 +33,7 @@ from tests.conftest import build_model, save_model
 GGML = gguf.GGMLQuantizationType
 EXPORTED = ["llama", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 # block types the matrices cycle through, where their rows fit the block
-QUANT_TYPES = [name for name in ("Q8_0", "Q4_K", "Q6_K") if name in BLOCK_FORMATS]
+QUANT_TYPES = [name for name in ("Q8_0", "Q4_K", "Q6_K", "Q4_1", "Q5_1") if name in BLOCK_FORMATS]
 
 KQUANT_Q8_0 = Recipe(make_config("kquant", ggml_type="Q8_0"))  # --method kquant --type Q8_0: no preset
 Item = StoredTensor

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from tests.ggml_reference import SDIST_VERSION, reference
 
-TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
 N_PER_ROW = 768  # three super-blocks, 24 blocks of 32
 OUT = Path(__file__).with_name("kquants.safetensors")
 

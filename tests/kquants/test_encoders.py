@@ -21,23 +21,24 @@ from quantkit.kquants import BLOCK_FORMATS, decode, encode
 from tests.ggml_reference import reference
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "kquants.safetensors"
-TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
 
 # Worst |error| of a round trip as a fraction of the block's largest |weight|, for ggml's reference
 # and importance-weighted encoders (which trade error on unimportant weights for important ones).
 # Measured worst over 480 random 8x1024 matrices (gaussian, uniform, student-t, sparse; 1e-1..1e3):
-# ref Q2_K .47 Q3_K .26 Q4_K .10 Q5_K .064 Q6_K .019 Q8_0 .008 Q4_0 .125 Q5_0 .063;
-# weighted Q2_K .85 Q3_K .38 Q4_K .17 Q5_K .081 Q6_K .096 Q8_0 .008 Q4_0 .22 Q5_0 .12 ...
+# ref Q2_K .47 Q3_K .26 Q4_K .10 Q5_K .064 Q6_K .019 Q8_0 .008 Q4_0 .125 Q5_0 .063 Q4_1 .067 Q5_1 .033;
+# weighted Q2_K .85 Q3_K .38 Q4_K .17 Q5_K .081 Q6_K .096 Q8_0 .008 Q4_0 .22 Q5_0 .12 Q4_1 .18 Q5_1 .087 ...
 ERROR_BOUNDS = {
     False: {"Q2_K": 0.75, "Q3_K": 0.40, "Q4_K": 0.20, "Q5_K": 0.10, "Q6_K": 0.04, "Q8_0": 0.01, "Q4_0": 0.13,
-            "Q5_0": 0.065},
+            "Q5_0": 0.065, "Q4_1": 0.07, "Q5_1": 0.035},
     True: {"Q2_K": 1.0, "Q3_K": 0.60, "Q4_K": 0.30, "Q5_K": 0.15, "Q6_K": 0.15, "Q8_0": 0.01, "Q4_0": 0.35,
-           "Q5_0": 0.20},
+           "Q5_0": 0.20, "Q4_1": 0.25, "Q5_1": 0.12},
 }
 # ... plus the fp16 rounding of small scales: the largest |code x sub-block scale| times 2^-24, the
 # spacing of fp16 subnormals (a super-block scale below 6e-5 keeps only absolute precision).
 LARGEST_MULTIPLIER = {"Q2_K": 3 * 15 + 15, "Q3_K": 4 * 32, "Q4_K": 15 * 63 + 63, "Q5_K": 31 * 63 + 63,
-                      "Q6_K": 32 * 128, "Q8_0": 127, "Q4_0": 8, "Q5_0": 16}
+                      "Q6_K": 32 * 128, "Q8_0": 127, "Q4_0": 8, "Q5_0": 16,
+                      "Q4_1": 15 + 1, "Q5_1": 31 + 1}  # Q4_1/Q5_1: the code times d, plus the fp16 minimum
 
 
 def golden() -> dict[str, np.ndarray]:
@@ -107,6 +108,8 @@ def test_round_trip_error_bound(
     blocks_x, blocks_err = x.reshape(-1, fmt.block_size), np.abs(y - x).reshape(-1, fmt.block_size)
     amax = np.abs(blocks_x).max(axis=1, keepdims=True)
     bound = ERROR_BOUNDS[weighted][type_name] * amax + LARGEST_MULTIPLIER[type_name] * 2.0**-24
+    if type_name in ("Q4_1", "Q5_1"):  # a block minimum beyond fp16's 65504 is stored as -inf, in ggml too
+        bound[blocks_x.min(axis=1) < -65504] = np.inf
     assert np.all(blocks_err <= bound), f"worst error / bound {float((blocks_err / bound).max()):.3f}"
 
 
@@ -142,6 +145,41 @@ def test_bytes_equal_ggml_on_random_matrices(type_name: str, weighted: bool) -> 
     x = np.concatenate(parts).astype(np.float32)
     importance = rng.lognormal(0, 2, 1024).astype(np.float32) * (rng.random(1024) > 0.05) if weighted else None
     ours, theirs = encode(type_name, x, importance), ref.quantize(type_name, x, importance)
+    fmt = BLOCK_FORMATS.get(type_name)
+    differ = (ours.reshape(-1, fmt.type_size) != theirs.reshape(-1, fmt.type_size)).any(1)
+    assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ"
+
+
+def _edge_rows(rng: np.random.Generator, n: int = 1024) -> np.ndarray:
+    """Rows of degenerate 32-blocks: zero, signed zeros, constant, huge outliers, denormals, non-finite."""
+    x = rng.standard_normal((16, n))
+    x[:, :32] = 0.0
+    x[:, 32:64] = 0.25
+    x[:, 64:96] = -3.0
+    x[:, 100], x[:, 200] = 1e30, -1e30  # outliers: float32 overflow in max - min
+    x[:, 300:332], x[:, 320] = -0.0, 0.0  # the first of the equal minima is kept, sign included
+    x[:, 340:372], x[:, 345] = 0.0, -0.0
+    x[:, 400:432] = rng.standard_normal((16, 32)) * 1e-42  # denormal: 1/d overflows
+    x[:, 448:480] = np.abs(rng.standard_normal((16, 32))) + 5  # all positive: min > 0
+    x[:, 500], x[:, 540], x[:, 580] = np.nan, np.inf, -np.inf
+    x[:, 608:640] = np.nan
+    x[8:] *= 1e37  # the outliers become float32 infinities
+    with np.errstate(over="ignore"):
+        return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q4_0", "Q5_0", "Q8_0"])
+def test_32_blocks_equal_ggml_on_edge_cases(type_name: str, weighted: bool) -> None:
+    """The 32-weight formats' degenerate blocks against a locally built libggml-base, byte for byte."""
+    ref = reference()
+    if ref is None:
+        pytest.skip("no libggml-base built (python -m tests.ggml_reference build, or set QUANTKIT_GGML_LIB)")
+    rng = np.random.default_rng(15)
+    x = np.concatenate([_edge_rows(rng), (rng.standard_t(2, (48, 1024)) * 0.02).astype(np.float32)])
+    importance = rng.lognormal(0, 2, 1024).astype(np.float32) * (rng.random(1024) > 0.1) if weighted else None
+    with np.errstate(all="ignore"):
+        ours, theirs = encode(type_name, x, importance), ref.quantize(type_name, x, importance)
     fmt = BLOCK_FORMATS.get(type_name)
     differ = (ours.reshape(-1, fmt.type_size) != theirs.reshape(-1, fmt.type_size)).any(1)
     assert not differ.any(), f"{differ.sum()} of {differ.size} blocks differ"

@@ -19,6 +19,7 @@ from quantkit.kquants.presets import (
     Assignment,
     TensorSpec,
     assign_types,
+    block_size,
     fallback_type,
     preset_rules,
     use_more_bits,
@@ -340,7 +341,7 @@ def test_fallback_for_128_wide_rows() -> None:
     assert (got["blk.5.attn_q.weight"].type, got["blk.5.attn_q.weight"].fallback_from) == ("Q5_0", "Q4_K")
     assert (got["blk.0.attn_v.weight"].type, got["blk.0.attn_v.weight"].fallback_from) == ("Q8_0", "Q6_K")
     assert got["blk.5.attn_q.weight"].rule == "fallback from Q4_K: row 128 not divisible by 256 (base type)"
-    for preset, base, fallback in (("Q2_K", "Q2_K", "Q4_0"), ("Q3_K_S", "Q3_K", "Q4_0"), ("Q5_K_S", "Q5_K", "Q8_0"),
+    for preset, base, fallback in (("Q2_K", "Q2_K", "Q4_0"), ("Q3_K_S", "Q3_K", "Q4_0"), ("Q5_K_S", "Q5_K", "Q5_1"),
                                    ("Q6_K", "Q6_K", "Q8_0"), ("Q8_0", "Q8_0", "Q8_0")):
         a = assign_types(preset, specs, n_layers=32, n_experts=0, n_head=32, n_head_kv=8)["blk.5.attn_q.weight"]
         assert a.type == fallback
@@ -354,8 +355,12 @@ def test_fallback_type() -> None:
         expected = Assignment(fallback, f"fallback from {target}: row 1408 not divisible by 256", target)
         assert fallback_type(target, 1408) == expected
     assert fallback_type("Q5_K", 1408, "--type") == Assignment(
-        "Q8_0", "fallback from Q5_K: row 1408 not divisible by 256 (--type)", "Q5_K"
+        "Q5_1", "fallback from Q5_K: row 1408 not divisible by 256 (--type)", "Q5_K"
     )
+    for legacy in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):  # 32-blocks: C's default branch keeps them, then F16
+        assert fallback_type(legacy, 160) is None
+        assert fallback_type(legacy, 100) == Assignment("F16", f"fallback from {legacy}: row 100 not divisible by 32",
+                                                        legacy)
     assert fallback_type("Q6_K", 100) == Assignment("F16", "fallback from Q6_K: row 100 not divisible by 256", "Q6_K")
     assert fallback_type("Q8_0", 100) == Assignment("F16", "fallback from Q8_0: row 100 not divisible by 32", "Q8_0")
 
@@ -441,3 +446,43 @@ def test_preset_rules_and_table() -> None:
         "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"
     ]
     assert summaries[5]["bpw @ Llama-3-8B"] == "4.89"  # Q4_K_M on Llama-3-8B
+
+
+# llama.cpp's tensor_type_fallback (src/llama-quant.cpp of llama-cpp-python 0.3.36, lines 390-440), restated:
+#   case Q2_K, Q3_K: Q4_0 (line 414); case Q4_K: Q5_0 (415); case Q5_K: Q5_1 (416); case Q6_K: Q8_0 (417);
+#   default with a block <= 32: the type itself (419-424); then F16 if that block does not divide ncols (429-437).
+LLAMA_CPP_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _llama_cpp_fallback(type_name: str, ncols: int) -> str:
+    if type_name in ("F16", "F32") or ncols % block_size(type_name) == 0:
+        return type_name
+    new = LLAMA_CPP_FALLBACK.get(type_name, type_name)
+    return new if ncols % block_size(new) == 0 else "F16"
+
+
+@pytest.mark.parametrize("narrow", [(96, 288), (160, 480), (100, 300)])
+@pytest.mark.parametrize("preset", sorted(KQUANT_PRESETS))
+def test_narrow_rows_take_llama_cpp_fallbacks(preset: str, narrow: tuple[int, int]) -> None:
+    """On a model whose rows 256 does not divide, each tensor gets llama.cpp's fallback of its wide-model type.
+
+    The rules before the fallback do not look at widths except output.weight's (llama-quant.cpp line 500:
+    ``nx % qk_k != 0`` -> Q8_0, then the fallback's F16 when 32 does not divide it either), so the same
+    model 512 wide tells the type each rule chose.
+    """
+    hidden, ffn = narrow
+    for n_layers, tied in ((8, False), (12, True)):
+        wide = assign_types(preset, llama(n_layers, tied=tied), n_layers=n_layers, n_experts=0, n_head=8,
+                            n_head_kv=2)
+        got = assign_types(preset, llama(n_layers, hidden=hidden, kv=hidden // 4, ffn=ffn, tied=tied),
+                           n_layers=n_layers, n_experts=0, n_head=8, n_head_kv=2)
+        output = "output.weight" if not tied else "token_embd.weight"
+        for name, a in got.items():
+            ncols = ffn if name.endswith("ffn_down.weight") else hidden
+            if name == output:
+                expected = _llama_cpp_fallback("Q8_0", ncols)
+            else:
+                expected = _llama_cpp_fallback(wide[name].type, ncols)
+            assert a.type == expected, (name, wide[name].type, a.rule)
+            if a.type != wide[name].type and name != output:
+                assert a.fallback_from == wide[name].type and a.rule.startswith("fallback from")
