@@ -15,60 +15,24 @@ from quantkit.errors import QuantkitError
 from quantkit.recipe import recipe_from_dict
 from quantkit.schemes import IntQuantized
 from quantkit.schemes.clipping import MSE_NORM
+from tests.schemes.test_gptq_solver import RefQuantizer, ref_quantize
 from tests.schemes.test_schemes import quantize
 
 KINDS = ["gaussian", "laplace", "outliers"]
 
 
-# --- A literal port of GPTQ's Quantizer (IST-DASLab/gptq, quant.py), for a 2-D weight with
-# perchannel=True, weight=True: every row is one channel. Only the ternary (trits) branch is left out.
-
-
-def gptq_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-    return scale * (q - zero)
+# --- GPTQ's Quantizer (the literal port of IST-DASLab/gptq's quant.py in test_gptq_solver.py), for a 2-D weight
+# with perchannel=True, weight=True: every row is one channel.
 
 
 def gptq_find_params(
     x: torch.Tensor, bits: int, sym: bool, mse: bool = True, norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` per row, as ``Quantizer.configure(bits, perchannel=True, sym, mse)`` then ``find_params``."""
-    maxq = torch.tensor(2**bits - 1)
-    tmp = torch.zeros(x.shape[0])
-    xmin = torch.minimum(x.min(1)[0], tmp)
-    xmax = torch.maximum(x.max(1)[0], tmp)
-    if sym:
-        xmax = torch.maximum(torch.abs(xmin), xmax)
-        tmp = xmin < 0
-        if torch.any(tmp):
-            xmin[tmp] = -xmax[tmp]
-    tmp = (xmin == 0) & (xmax == 0)
-    xmin[tmp] = -1
-    xmax[tmp] = +1
-    scale = (xmax - xmin) / maxq
-    if sym:  # noqa: SIM108  (kept as GPTQ writes it)
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-    if mse:
-        best = torch.full([x.shape[0]], float("inf"))
-        for i in range(int(maxshrink * grid)):
-            p = 1 - i / grid
-            xmin1 = p * xmin
-            xmax1 = p * xmax
-            scale1 = (xmax1 - xmin1) / maxq
-            zero1 = torch.round(-xmin1 / scale1) if not sym else zero
-            q = gptq_quantize(x, scale1.unsqueeze(1), zero1.unsqueeze(1), maxq)
-            q -= x
-            q.abs_()
-            q.pow_(norm)
-            err = torch.sum(q, 1)
-            tmp = err < best
-            if torch.any(tmp):
-                best[tmp] = err[tmp]
-                scale[tmp] = scale1[tmp]
-                zero[tmp] = zero1[tmp]
-    return scale, zero
+    quantizer = RefQuantizer()
+    quantizer.configure(bits, perchannel=True, sym=sym, mse=mse, norm=norm, grid=grid, maxshrink=maxshrink)
+    quantizer.find_params(x, weight=True)
+    return quantizer.scale.reshape(-1), quantizer.zero.reshape(-1)
 
 
 # --- helpers
@@ -123,7 +87,7 @@ def test_zeropoint_mse_is_gptq_asymmetric(kind: str, bits: int, group_size: int 
     assert torch.equal(q.zero_point.reshape(-1).float(), zero + qmin)
     gptq_codes = torch.clamp(torch.round(rows / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
     assert torch.equal(as_rows(q.codes, group_size).float(), gptq_codes + qmin)
-    assert torch.equal(as_rows(q.dequantize(), group_size), gptq_quantize(rows, scale[:, None], zero[:, None],
+    assert torch.equal(as_rows(q.dequantize(), group_size), ref_quantize(rows, scale[:, None], zero[:, None],
                                                                             torch.tensor(2**bits - 1)))
 
 
