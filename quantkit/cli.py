@@ -25,8 +25,6 @@ from quantkit.cli_options import (
     SchemeOptions,
     TrustRemoteCodeOpt,
     build_recipe,
-    command_line,
-    parse_percent,
     quantize_options,
 )
 from quantkit.cli_output import (
@@ -38,6 +36,7 @@ from quantkit.cli_output import (
     print_preset_rules,
     print_presets,
 )
+from quantkit.cli_values import command_line, parse_percent
 
 app = typer.Typer(
     name="quantkit",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,6 +19,7 @@ import typer
 
 from quantkit.cli_groups import OptionGroup
 from quantkit.cli_output import err_console
+from quantkit.cli_values import command_line, parse_size, resolve_device
 from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:  # imported when used, to keep --help fast
@@ -365,47 +365,6 @@ class EvalOptions(OptionGroup):
 
 
 # Values that options spell as text.
-
-
-def command_line() -> list[str]:
-    """The command as typed, recorded in reports and calibration metadata."""
-    return ["quantkit", *sys.argv[1:]]
-
-
-def parse_size(text: str) -> int:
-    """``"2GB"`` -> bytes (decimal units KB/MB/GB, binary KiB/MiB/GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise QuantkitError(f"invalid size {text!r}; use e.g. 2GB or 500MB")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    size = int(float(match[1]) * units[(match[2] or "B").lower()])
-    if size <= 0:
-        raise QuantkitError(f"shard size must be positive, got {text!r}")
-    return size
-
-
-def parse_percent(text: str) -> float:
-    """``"2%"`` or ``"2"`` -> 0.02."""
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        raise QuantkitError(f"invalid percentage {text!r}; use e.g. 2%") from None
-    if value < 0:
-        raise QuantkitError(f"--max-increase must not be negative, got {text!r}")
-    return value / 100
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda where available, else cpu; one-line errors for anything else but cpu, cuda, cuda:N."""
-    import torch  # deferred: pulls in torch; --help stays fast
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise QuantkitError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantkitError("--device cuda, but no CUDA device is available")
-    return device
 
 
 def _slug(text: str) -> str:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from quantkit.cli import app
-from quantkit.cli_options import parse_size
+from quantkit.cli_values import parse_size
 
 runner = CliRunner()
 
