@@ -106,7 +106,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
 
     with contextlib.redirect_stderr(io.StringIO()), no_init_weights():  # every weight is loaded below
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    # assign: the parameters become the loaded tensors; the uninitialised ones are never touched (never resident)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
     if missing:
         raise QuantkitError(f"{checkpoint.path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}")
