@@ -26,6 +26,7 @@ import numpy as np
 from quantkit.kquants.base import BLOCK_FORMATS, BlockFormat
 from quantkit.kquants.ggml_math import F32, from_fp16, to_fp16
 from quantkit.kquants.search_qkx import asymmetric_32_tiles
+from quantkit.kquants.search_qx import pack_nibbles
 
 
 class Q4_1(BlockFormat):
@@ -37,7 +38,7 @@ class Q4_1(BlockFormat):
         for blocks, d, m, codes in asymmetric_32_tiles(rows, importance, 15):
             out[blocks, :2] = to_fp16(d)[:, None].view(np.uint8)
             out[blocks, 2:4] = to_fp16(m)[:, None].view(np.uint8)
-            out[blocks, 4:] = codes[:, :16] | (codes[:, 16:] << np.uint8(4))  # C: qs = xi0; qs |= xi1 << 4
+            out[blocks, 4:] = pack_nibbles(codes)
         return out.reshape(rows.shape[0], -1)
 
     def decode_blocks(self, blocks: np.ndarray) -> np.ndarray:

@@ -290,7 +290,10 @@ def _reference_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """Q4_0/Q5_0's ``qs``: ``(q[j] & 15) | (q[j+16] & 15) << 4`` for codes uint8 ``[G, 32]`` -> ``[G, 16]``."""
+    """The ``qs`` of the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1): ``(q[j] & 15) | (q[j+16] & 15) << 4``.
+
+    Codes uint8 ``[G, 32]`` -> ``[G, 16]``.
+    """
     low = codes.view(np.uint64) & np.uint64(0x0F0F0F0F0F0F0F0F)  # [G, 4]: eight codes per word
     packed = np.empty((codes.shape[0], 2), dtype=np.uint64)
     packed[:, 0] = low[:, 0] | (low[:, 2] << np.uint64(4))
