@@ -33,6 +33,11 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(help="Checkpoint directory or hub id; default: the bundled demo model.", show_default=False),
 ]
+EvalModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Checkpoint directory, GGUF file or hub id; default: the bundled demo model.",
+                   show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run Python code shipped in the model directory (auto_map).")
@@ -354,6 +359,10 @@ class EvalOptions(OptionGroup):
     batch_size: BatchSizeOpt = 4
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16.")] = "float32"
     device: DeviceOpt = "auto"
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Tokenizer directory or GGUF (default: MODEL's, --base's, "
+                                                   "then a GGUF's own).")
+    ] = None
 
     def settings(self, trust_remote_code: bool) -> EvalSettings:
         from quantkit.eval.run import EvalSettings  # deferred: pulls in torch; --help stays fast
@@ -361,7 +370,7 @@ class EvalOptions(OptionGroup):
         return EvalSettings(dataset=self.dataset, protocol=self.protocol, seq_len=self.seq_len, stride=self.stride,
                             max_windows=self.max_windows, batch_size=self.batch_size, text_field=self.text_field,
                             split=self.split, dtype=self.dtype, device=resolve_device(self.device),
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, tokenizer=self.tokenizer)
 
 
 # Values that options spell as text.

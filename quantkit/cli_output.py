@@ -65,6 +65,10 @@ def print_eval(result: dict[str, Any]) -> None:
     stride = f", stride {result['stride']}" if result["stride"] else ""
     table.add_row("protocol", f"{result['protocol']} (seq-len {result['seq_len']}{stride})")
     table.add_row("dataset", result["dataset"])
+    table.add_row("loaded", result["loaded"]["model"])
+    if result["base"]:
+        table.add_row("base loaded", result["loaded"]["base"])
+    table.add_row("tokenizer", result["tokenizer"])
     table.add_row("windows / tokens scored", f"{result['windows']} / {result['tokens_scored']:,}")
     table.add_row("perplexity", f"{result['ppl']:.4f}")
     if result["base"]:
