@@ -93,8 +93,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
 
     Weights are dequantized exactly as compressed-tensors does (GPTQ checkpoints: as AutoGPTQ's
     reference dequantization, in fp16), then cast to ``dtype`` (default: the checkpoint's
-    ``dtype``/``torch_dtype``).
+    ``dtype``/``torch_dtype``). A GGUF file is read by :func:`load_gguf` (default dtype float32).
     """
+    if Path(path).is_file():
+        return load_gguf(Path(path), dtype or torch.float32, device)
     checkpoint = Checkpoint.open(path)
     arch = get_arch(checkpoint.model_type)
     config_dict = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
