@@ -12,6 +12,8 @@ import io
 import struct
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -111,7 +113,8 @@ def _minimal_gguf(path: Path, array_count: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "huge array", "cut header", "cut data", "no arch"])
+@pytest.mark.parametrize("damage", ["garbage", "empty", "huge array", "cut header", "cut data", "no arch",
+                                    "foreign arch"])
 def test_bad_gguf_is_one_line_error(damage: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     path = tmp_path / "bad.gguf"
     good = export_f32(tiny_models["llama"], tmp_path / "good.gguf").read_bytes()
@@ -125,8 +128,16 @@ def test_bad_gguf_is_one_line_error(damage: str, tiny_models: dict[str, Path], t
         path.write_bytes(good[:300])
     elif damage == "cut data":
         path.write_bytes(good[: len(good) - 100])
-    else:
+    elif damage == "no arch":
         _minimal_gguf(path, 4)
+    else:  # a valid GGUF of an architecture quantkit does not export
+        writer = gguf.GGUFWriter(path, "qwen3moe")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     with pytest.raises(QuantkitError) as error:
         load_gguf(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)

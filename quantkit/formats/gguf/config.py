@@ -117,19 +117,19 @@ def _model_type(meta: GgufMetadata, path: Path) -> ArchSpec:
     """The exportable architecture that matches the file's llama.cpp architecture, experts and gating."""
     has_experts = bool(meta.values.get(f"{meta.arch}.expert_count"))
     gating = meta.values.get(f"{meta.arch}.expert_gating_func")
+    specs = [ARCHS.get(model_type) for model_type in exportable()]
     matches = []
-    for model_type in exportable():
-        spec = ARCHS.get(model_type)
+    for spec in specs:
         assert spec.gguf is not None and spec.gguf.export is not None
         wanted = spec.gguf.export.gating_func
         if spec.gguf.arch == meta.arch and (spec.experts is not None) == has_experts and (
                 wanted is None or gating is None or int(gguf.ExpertGatingFuncType[wanted]) == gating):
             matches.append(spec)
     if len(matches) != 1:
-        arches = sorted({ARCHS.get(m).gguf.arch for m in exportable()})  # type: ignore[union-attr]
-        raise QuantkitError(f"{path}: quantkit reads GGUF architectures {', '.join(arches)} (as it exports them), "
-                            f"not {meta.arch or 'one without general.architecture'!r}"
-                            + (" with these experts" if meta.arch in arches else ""))
+        arches = sorted({spec.gguf.arch for spec in specs if spec.gguf is not None})
+        found = repr(meta.arch) + (" with these experts and gating" if meta.arch in arches else "")
+        raise QuantkitError(f"{path}: quantkit reads the GGUF architectures it exports ({', '.join(arches)}), "
+                            f"not {found if meta.arch else 'a file without general.architecture'}")
     return matches[0]
 
 
