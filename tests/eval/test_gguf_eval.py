@@ -99,3 +99,14 @@ def test_stories260k_gguf_exports(stories_model: Path, tmp_path: Path) -> None:
         theirs = run_perplexity(twin, settings, base=stories_model)
         assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=1e-6), name
         assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-4), name
+
+
+def test_tokenizer_beyond_the_gguf_vocabulary_is_refused(tiny_models: dict[str, Path], test_text: Path,
+                                                          tmp_path: Path) -> None:
+    from quantkit.model.checkpoint import DEMO_MODEL_DIR
+
+    path = export_f32(tiny_models["llama"], tmp_path / "llama.gguf")  # 128 embeddings; the demo tokenizer has 4096
+    result = runner.invoke(app, ["eval", "perplexity", str(path), "--tokenizer", str(DEMO_MODEL_DIR),
+                                 "--dataset", str(test_text), "--seq-len", "64"])
+    assert result.exit_code == 2 and "vocab_size is 128" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
