@@ -91,15 +91,29 @@ def test_transformers_gguf_loader_agrees(tiny_models: dict[str, Path], tmp_path:
     assert torch.allclose(logits(load_gguf(path), tokens), want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
-def test_llama3_rope_factors_are_applied(tmp_path: Path) -> None:
-    """Llama 3 RoPE scaling survives only as rope_freqs: the loader divides the frequencies by them."""
-    model = build_model("llama")
-    model.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 16}
-    source = save_model(model, tmp_path / "llama3")
+ROPE_SCALING = {
+    "llama-linear": ("llama", {"rope_type": "linear", "factor": 4.0}),
+    # Llama 3 survives only as rope_freqs: the loader divides the frequencies by them
+    "llama-llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 16}),
+    # YaRN with DeepSeek's mscale (GGUF holds 0.1 x mscale_all_dim; llama.cpp assumes mscale = mscale_all_dim)
+    "deepseek_v2-yarn": ("deepseek_v2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                         "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0,
+                                         "beta_slow": 1.0}),
+    "deepseek_v3-yarn": ("deepseek_v3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_SCALING)
+def test_rope_scaling_reads_back(case: str, tmp_path: Path) -> None:
+    """60 positions, past the 16 the scaling starts from (llama3 logits without rope_freqs: 9% of their scale off)."""
+    arch, rope = ROPE_SCALING[case]
+    model = build_model(arch)
+    model.config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    source = save_model(model, tmp_path / case)
     original = load_quantized(source, dtype=torch.float32)
-    path = export_f32(source, tmp_path / "llama3.gguf")
+    path = export_f32(source, tmp_path / f"{case}.gguf")
     tokens = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(2))
     want = logits(original, tokens)
     assert torch.allclose(logits(load_gguf(path), tokens), want, rtol=0, atol=1e-5 * float(want.abs().max()))
