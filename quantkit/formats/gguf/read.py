@@ -57,7 +57,10 @@ def dequantized(tensor: Any, path: Path) -> torch.Tensor:
     except NotImplementedError:
         raise QuantkitError(f"{path}: the gguf package cannot dequantize {tensor.name}'s type "
                             f"{tensor.tensor_type.name}") from None
-    return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file's memory map stays read-only
+    values = np.asarray(values, dtype=np.float32)
+    if not values.flags.writeable:  # F32 data is a view of the file's read-only memory map: copied
+        values = values.copy()
+    return torch.from_numpy(values)
 
 
 def rope_factors(reader: gguf.GGUFReader, path: Path) -> torch.Tensor | None:
