@@ -277,3 +277,14 @@ def test_llama_quantize_overrides_on_a_tied_qwen2_moe_gguf(tiny_models: dict[str
 def test_overrides_apply_to_the_whole_preset() -> None:
     with pytest.raises(QuantkitError, match="output_tensor_type override the whole preset; set them in default"):
         get_preset("Q4_K_M").with_rule(["role:routed_expert"], output_tensor_type="Q8_0")
+
+
+def test_n_gqa_comes_from_the_gguf_head_count_kv(tmp_path: Path) -> None:
+    """DeepSeek's GGUF writes head_count_kv = head_count (MLA): llama.cpp's n_gqa is 1 whatever the config says."""
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model("deepseek_v2", **{**WIDE, "num_hidden_layers": 1, "kv_lora_rank": 256,
+                                                                  "num_key_value_heads": 1})
+    model = save_model(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), tmp_path / "m")
+    schemes = {t.name: t.scheme for t in make_plan(Checkpoint.open(model), get_preset("Q2_K")).tensors}
+    # Q2_K's attn_kv_b (rows of 256): Q3_K with n_gqa < 4, Q4_K had the config's 4 query heads per KV head counted
+    assert schemes["model.layers.0.self_attn.kv_b_proj.weight"].ggml_type == "Q3_K"  # type: ignore[union-attr]
