@@ -222,7 +222,7 @@ def _file_record(tensor: FileTensor, data: torch.Tensor, stored: StoredTensor, p
         nbytes, relative_error(data, data if stored.values is None else stored.values),
     )
     if stored.quantized:
-        record.type_rule = plan.type_rules.get(items[0].name)
+        record.type_rule = plan.type_rules.get(tensor.name) or plan.type_rules.get(items[0].name)
         counts = [tokens[item.name] for item in items]
         record.importance_tokens = None if counts[0] is None else min(t or 0 for t in counts)
     return record

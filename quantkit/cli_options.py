@@ -131,9 +131,21 @@ class KquantOptions(OptionGroup):
     dense_ffn_type: Annotated[
         str | None, typer.Option("--dense-ffn-type", help="kquant preset: ggml type of dense (non-MoE) layers' FFN.")
     ] = None
+    tensor_type: Annotated[list[str] | None, typer.Option(
+        "--tensor-type", help="kquant preset: PATTERN=TYPE, as llama-quantize (regex searched in the GGUF name; "
+        "the first match wins; repeatable).")] = None
+    output_tensor_type: Annotated[
+        str | None, typer.Option("--output-tensor-type", help="kquant preset: ggml type of output.weight.")
+    ] = None
+    token_embedding_type: Annotated[
+        str | None, typer.Option("--token-embedding-type", help="kquant preset: ggml type of token_embd.weight.")
+    ] = None
 
     def overrides(self) -> dict[str, Any]:
-        return {"ggml_type": self.ggml_type}
+        from quantkit.kquants.preset_overrides import join_tensor_types  # deferred: --help stays fast
+
+        return {"ggml_type": self.ggml_type, "tensor_types": join_tensor_types(self.tensor_type),
+                "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type}
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,8 @@ SETTING_FLAGS = {  # scheme settings the command line sets, by the option that s
     "clip": "--weight-clip", "percentile": "--percentile", "activations": "--activations",
     "activation_range": "--range-method", "symmetric": "--sym", "act_order": "--act-order",
     "static_groups": "--static-groups", "damp": "--damp", "block_size": "--block-size", "ggml_type": "--type",
+    "tensor_types": "--tensor-type", "output_tensor_type": "--output-tensor-type",
+    "token_embedding_type": "--token-embedding-type",
 }
 
 
