@@ -229,6 +229,14 @@ def test_unread_fp8_layouts_are_refused_at_open(variant: str, tmp_path: Path) ->
     assert expected in message
 
 
+def test_a_bf16_conversion_whose_config_still_says_fp8_is_read_as_float(tmp_path: Path) -> None:
+    """fp8_cast_bf16.py leaves config.json as it was: no FP8 tensor and no scale left, so nothing to dequantize."""
+    config, shard = fp8_variant({}, {W: A.clone().to(torch.bfloat16)})
+    checkpoint = Checkpoint(write_model(tmp_path / "m", {"model.safetensors": shard}, config=config))
+    assert checkpoint.fp8 is not None and not checkpoint.fp8.scales and "quantization_config" not in checkpoint.config
+    assert torch.equal(checkpoint.get(W), A.to(torch.bfloat16))
+
+
 def test_e5m2_and_other_block_sizes_are_read(tmp_path: Path) -> None:
     """fmt e5m2 with 1x3 blocks (a partial last column block): each weight is the FP8 value times its block's scale."""
     scale = torch.tensor([[2.0, 0.5], [4.0, -1.0]])
