@@ -30,6 +30,7 @@ DEQUANTIZED_DTYPE = torch.bfloat16  # what fp8_cast_bf16.py writes
 FP8_DTYPES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 _PER_TENSOR_SCALES = ("_scale", "_scale_2")  # compressed-tensors / ModelOpt: weight -> weight_scale
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK = 1 << 23  # FP8 elements dequantized at once: 32 MiB of float32 temporaries
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,23 @@ def open_fp8(tensors: dict[str, TensorInfo], config: dict[str, Any], path: Path)
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """``weight`` (FP8, ``[out, in]``) times its per-block ``scale_inv``, in float32, rounded to bfloat16.
 
-    One row of blocks at a time, so the float32 temporaries are ``block[0]`` rows, not the whole weight.
+    A few rows of blocks at a time (about ``_CHUNK`` elements), so the float32 temporaries stay small.
     """
     rows, cols = weight.shape
     block_rows, block_cols = block
     column_scales = scale_inv.to(torch.float32).repeat_interleave(block_cols, dim=1)[:, :cols]
     out = torch.empty((rows, cols), dtype=DEQUANTIZED_DTYPE)
-    for index, start in enumerate(range(0, rows, block_rows)):
-        stop = min(start + block_rows, rows)
-        out[start:stop] = (weight[start:stop].to(torch.float32) * column_scales[index]).to(DEQUANTIZED_DTYPE)
+    step = block_rows * max(1, _CHUNK // (block_rows * max(cols, 1)))
+    for start in range(0, rows, step):
+        values = weight[start : start + step].to(torch.float32)
+        first, whole = start // block_rows, len(values) // block_rows
+        if whole:  # whole blocks of rows: each row block times its row of scales
+            blocks = values[: whole * block_rows].unflatten(0, (whole, block_rows))
+            products = (blocks * column_scales[first : first + whole, None]).flatten(0, 1)
+            out[start : start + whole * block_rows] = products.to(DEQUANTIZED_DTYPE)
+        if len(values) > whole * block_rows:  # the partial last block of rows
+            tail = values[whole * block_rows :] * column_scales[first + whole]
+            out[start + whole * block_rows : start + len(values)] = tail.to(DEQUANTIZED_DTYPE)
     return out
 
 
