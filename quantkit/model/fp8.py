@@ -54,7 +54,7 @@ def open_fp8(tensors: dict[str, TensorInfo], config: dict[str, Any], path: Path)
     On success the scale tensors leave ``tensors`` and each FP8 weight's entry takes the dtype it is
     read as (bfloat16); a one-line error for any layout this module cannot read exactly.
     """
-    fp8 = sorted(name for name, info in tensors.items() if info.dtype in FP8_DTYPES)
+    fp8 = sorted(n for n, info in tensors.items() if info.dtype in FP8_DTYPES and not n.endswith(SCALE_SUFFIX))
     quant = config.get("quantization_config")
     is_fp8_config = isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
     if not fp8 and not is_fp8_config:

@@ -204,6 +204,8 @@ FP8_REFUSALS = {  # name -> (quantization_config change, tensors, the one-line e
                              "needs [1, 2]"),
     "integer scales": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2, dtype=torch.int32)},
                        f"{W}_scale_inv in model.safetensors is int32; FP8 block scales must be float32"),
+    "FP8 scales": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2).to(torch.float8_e4m3fn)},
+                   f"{W}_scale_inv in model.safetensors is float8_e4m3fn; FP8 block scales must be float32"),
     "no block size": ({"weight_block_size": None}, {W: A.to(torch.float8_e4m3fn)},
                       "an fp8 quantization_config without weight_block_size (per-tensor FP8 scales) is not read"),
     "bad block size": ({"weight_block_size": [128, 0]}, {W: A.to(torch.float8_e4m3fn)},
