@@ -128,7 +128,7 @@ class Checkpoint:
     An FP8 checkpoint (DeepSeek-V3's block-scaled layout, :mod:`quantkit.model.fp8`) is seen as the bf16
     model it stands for: ``tensors`` lists its weights as bfloat16 and not their ``_scale_inv`` tensors,
     ``get`` dequantizes each weight as it is read, and ``config`` is config.json without the fp8
-    ``quantization_config`` (kept in ``fp8``), so nothing downstream sees FP8 or writes it out again.
+    ``quantization_config``, so nothing downstream sees FP8 or writes it out again.
     """
 
     def __init__(self, path: Path) -> None:

@@ -35,12 +35,11 @@ _CHUNK = 1 << 23  # FP8 elements dequantized at once: 32 MiB of float32 temporar
 
 @dataclass(frozen=True)
 class Fp8Source:
-    """An accepted FP8 checkpoint: its block size, each FP8 weight's scale tensor and the config it came with."""
+    """An accepted FP8 checkpoint: its block size and each FP8 weight's scale tensor."""
 
     block: tuple[int, int]
     scales: dict[str, TensorInfo]  # FP8 weight name -> its ``<name>_scale_inv``
     formats: tuple[str, ...]  # the FP8 formats of its weights: e4m3, e5m2
-    quantization_config: dict[str, Any]
 
     def describe(self) -> str:
         """One line for inspect and the report, e.g. ``FP8 (e4m3, 128x128 block scales), read as bfloat16``."""
@@ -49,18 +48,19 @@ class Fp8Source:
 
 
 def open_fp8(tensors: dict[str, TensorInfo], config: dict[str, Any], path: Path) -> Fp8Source | None:
-    """The FP8 layout of a checkpoint, validated, or None when it has no FP8 weights and no fp8 config.
+    """The FP8 layout of a checkpoint, validated, or None when it has no FP8 tensors and no fp8 config.
 
     On success the scale tensors leave ``tensors`` and each FP8 weight's entry takes the dtype it is
     read as (bfloat16); a one-line error for any layout this module cannot read exactly.
     """
-    fp8 = sorted(n for n, info in tensors.items() if info.dtype in FP8_DTYPES and not n.endswith(SCALE_SUFFIX))
+    stored_fp8 = sorted(name for name, info in tensors.items() if info.dtype in FP8_DTYPES)
+    fp8 = [name for name in stored_fp8 if not name.endswith(SCALE_SUFFIX)]  # an FP8 scale is refused as a scale
     quant = config.get("quantization_config")
     is_fp8_config = isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
-    if not fp8 and not is_fp8_config:
+    if not stored_fp8 and not is_fp8_config:
         return None
-    first = tensors[fp8[0]] if fp8 else None
-    if first is not None and not is_fp8_config:
+    if stored_fp8 and not is_fp8_config:
+        first = tensors[stored_fp8[0]]
         method = f"a quant_method {quant.get('quant_method')!r} checkpoint" if isinstance(quant, dict) else (
             "a checkpoint whose config.json has no fp8 quantization_config")
         raise QuantkitError(f"{first.name} in {first.file.name} is {_dtype(first)} in {method}: quantkit reads only "
@@ -81,7 +81,7 @@ def open_fp8(tensors: dict[str, TensorInfo], config: dict[str, Any], path: Path)
         base = orphans[0].removesuffix(SCALE_SUFFIX)
         what = f"is {_dtype(tensors[base])}, not FP8" if base in tensors else "is not in the checkpoint"
         raise QuantkitError(f"{orphans[0]} in {tensors[orphans[0]].file.name} scales {base}, which {what}")
-    return Fp8Source(block, scales, formats, dict(quant))
+    return Fp8Source(block, scales, formats)
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
