@@ -222,6 +222,7 @@ def test_inspect_calibrate_and_eval_read_the_fp8_checkpoint(pair: tuple[Path, Pa
     assert infos[1]["source_weights"] is None
     assert infos[0]["plan"] == infos[1]["plan"] and infos[0]["params"] == infos[1]["params"]
     assert infos[0]["original_size_mb"] < infos[1]["original_size_mb"]
+    assert "source weights" in run("inspect", pair[0]) and "source weights" not in run("inspect", pair[1])
     statistics, ppl = [], []
     for model in pair:
         kind = model.parent.name
