@@ -104,6 +104,9 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
                               ("dataset", "num_samples", "seq_len", "tokens", "all_experts", "min_expert_tokens")}
         report.calibration["path"] = str(options.calibration)
         report.calibration["flagged_experts"] = len(calib.starved())
+    if checkpoint.fp8 is not None:
+        report.notes.append(f"source weights: {checkpoint.fp8.describe()}, as DeepSeek's fp8_cast_bf16.py converts "
+                            "them; its fp8 quantization_config is not written")
     if plan.unexpected:
         report.notes.append(
             f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"

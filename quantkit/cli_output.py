@@ -22,6 +22,8 @@ def print_inspection(info: dict[str, Any]) -> None:
         cov = info["experts"]
         facts.add_row("experts present", f"{cov['layers_with_experts']} layers x {cov['expected_per_layer']}"
                       f" ({'complete' if cov['complete'] else 'INCOMPLETE'})")
+    if info["source_weights"]:
+        facts.add_row("source weights", info["source_weights"])
     console.print(facts)
     plan = Table(title=f"recipe {info['recipe']['name']}: what quantize would do")
     for column in ("role / scheme", "tensors", "params", "bits/weight"):
