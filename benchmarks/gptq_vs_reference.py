@@ -10,18 +10,20 @@ group of 16, the 172-wide ``down_proj`` rows in one of 28); act-order off and on
 
 The reference is the IST-DASLab/gptq checkout named by ``--reference`` or ``QUANTKIT_GPTQ_REFERENCE``
 (its ``gptq.py`` and ``quant.py``; nothing of it is in this repository). ``llama.py`` needs CUDA, so
-:func:`reference_sequential` is a CPU transcription of its ``llama_sequential`` (true-sequential, the
-default of ``--true-sequential``): the same layer and sub-layer order, one calibration window per
-forward, ``GPTQ.add_batch`` from forward hooks and ``GPTQ.fasterquant``, with ``Quantizer.configure(bits,
-perchannel=True, sym=False, mse=False)``. Its only adaptations: no ``.to(dev)``/``.cuda()``;
-``torch.cuda.synchronize`` (called by ``fasterquant``) is a no-op while it runs; the layer keyword
-arguments are captured whole (transformers 5 layers need ``position_embeddings``, not only the mask and
-positions ``llama.py`` captures) and a layer's output is a tensor, not a tuple.
+:func:`reference_sequential` is a CPU transcription of its ``llama_sequential`` with ``--true-sequential``
+(as its README runs LLaMA; quantkit is always true-sequential): the same layer and sub-layer order,
+one calibration window per forward, ``GPTQ.add_batch`` from forward hooks and ``GPTQ.fasterquant``,
+with ``Quantizer.configure(bits, perchannel=True, sym=False, mse=False)``. Its only adaptations: no
+``.to(dev)``/``.cuda()``; ``torch.cuda.synchronize`` (called by ``fasterquant``) is a no-op while it
+runs; the layer keyword arguments are captured whole (transformers 5 layers need
+``position_embeddings``, not only the mask and positions ``llama.py`` captures) and a layer's output
+is a tensor, not a tuple.
 
-Both results are evaluated by quantkit's protocol on the held-out second half (gptq protocol, 512-token
-windows): quantkit's output is loaded back by quantkit's loader, the reference's ``Q`` is written into a
-copy of the float model; perplexity and KL(float || quantized) come from the same ``evaluate`` call
-against the same float model. RTN (zeropoint, same bits and groups) is the no-Hessian baseline.
+Both results are evaluated by quantkit's protocol on the first ``--eval-windows`` 512-token windows (gptq
+protocol) of the held-out second half: quantkit's output is loaded back by quantkit's loader, the
+reference's ``Q`` is written into a copy of the float model; perplexity and KL(float || quantized)
+come from the same ``evaluate`` call against the same float model. RTN (zeropoint, same bits and
+groups) is the no-Hessian baseline.
 
     python benchmarks/gptq_vs_reference.py --reference /path/to/gptq [--seeds 0 1 2] [--threads 1]
 """
@@ -97,13 +99,13 @@ def import_reference(path: str | None) -> tuple[ModuleType, ModuleType]:
 def cpu_only_reference() -> Iterator[io.StringIO]:
     """``torch.cuda.synchronize`` as a no-op, and the reference's prints captured."""
     synchronize = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             yield printed
     finally:
-        torch.cuda.synchronize = synchronize  # type: ignore[assignment]
+        torch.cuda.synchronize = synchronize
 
 
 def _hidden(output: Any) -> torch.Tensor:
