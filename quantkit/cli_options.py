@@ -118,7 +118,8 @@ class KquantOptions(OptionGroup):
 
     panel = "k-quant"
     ggml_type: Annotated[
-        str | None, typer.Option("--type", "-t", help="kquant: one ggml type for every weight (Q2_K..Q6_K, Q8_0, ...).")
+        str | None,
+        typer.Option("--type", "-t", help="kquant: one ggml type for every weight (Q2_K..Q6_K, Q8_0, TQ2_0, ...)."),
     ] = None
     shared_experts_type: Annotated[
         str | None, typer.Option("--shared-experts-type", help="kquant preset: ggml type of the shared experts.")
