@@ -70,7 +70,7 @@ class SchemeOptions(OptionGroup):
 
     panel = "Scheme"
     method: Annotated[
-        str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | fp16 | bf16.")
+        str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | ternary | fp16 | bf16.")
     ] = None
     bits: Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")] = None
     group_size: Annotated[int | None, typer.Option(
