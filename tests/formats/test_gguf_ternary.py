@@ -15,7 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from quantkit.cli import app
+from quantkit.errors import QuantkitError
 from quantkit.formats.gguf import GgufLayout
+from quantkit.formats.output import OUTPUT_FORMATS
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.plan import make_plan
 from quantkit.recipe import Recipe
@@ -74,3 +76,10 @@ def test_groups_that_split_a_block_are_refused(tiny_models: dict[str, Path], tmp
                        "gguf", "--out", tmp_path / "g.gguf")
     assert code != 0 and "group size 64 splits them" in err and "Traceback" not in err
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_other_integer_schemes_beside_ternary_are_refused(tiny_models: dict[str, Path]) -> None:
+    recipe = Recipe(make_config("ternary")).with_rule(["role:attention"], method="absmax", bits=8)
+    plan = make_plan(Checkpoint.open(tiny_models["llama"]), recipe)
+    with pytest.raises(QuantkitError, match=r"holds k-quant, ternary and float weights only; .*absmax int8"):
+        OUTPUT_FORMATS.get("gguf").check(plan)

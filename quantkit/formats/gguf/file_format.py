@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.layout import GgufLayout
-from quantkit.formats.gguf.ternary import check_ternary
+from quantkit.formats.gguf.ternary import check_ternary, has_ternary
 from quantkit.formats.output import OUTPUT_FORMATS, FileFormat, refuse_integer_schemes
 from quantkit.plan import QuantPlan
-from quantkit.schemes import IntConfig, TernaryConfig
 
 MAGIC = b"GGUF"
 
@@ -20,13 +18,10 @@ class GgufFormat(FileFormat):
     name = "gguf"
 
     def check(self, plan: QuantPlan) -> None:
-        if not check_ternary(plan):
+        if has_ternary(plan):
+            check_ternary(plan, self.name)
+        else:
             refuse_integer_schemes(plan, self.name)
-            return
-        for item in plan.tensors:
-            if isinstance(item.scheme, IntConfig) and not isinstance(item.scheme, TernaryConfig):
-                raise QuantkitError(f"--format {self.name} holds k-quant, ternary and float weights only; "
-                                    f"{item.name} is {item.scheme.describe()}")
 
     def layout(self, plan: QuantPlan) -> GgufLayout:
         return GgufLayout(plan)

@@ -18,23 +18,25 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.output import FileTensor, QuantizeItem, StoredTensor
 from quantkit.kquants import QK_K, encode
 from quantkit.plan import QuantPlan
-from quantkit.schemes import BlockQuantized, IntQuantized, TernaryConfig
+from quantkit.schemes import BlockQuantized, IntConfig, IntQuantized, TernaryConfig
 from quantkit.schemes.ternary import DEFAULT_TQ_TYPE
 
 
-def check_ternary(plan: QuantPlan) -> bool:
-    """Whether the plan has ternary weights; a one-line error for groups that split a TQ block."""
-    found = False
+def has_ternary(plan: QuantPlan) -> bool:
+    return any(isinstance(item.scheme, TernaryConfig) for item in plan.tensors)
+
+
+def check_ternary(plan: QuantPlan, format_name: str) -> None:
+    """One-line errors for a plan with ternary weights: other integer schemes, or groups that split a TQ block."""
     for item in plan.tensors:
         scheme = item.scheme
-        if not isinstance(scheme, TernaryConfig):
-            continue
-        found = True
-        if scheme.granularity == "group" and (scheme.group_size or 0) % QK_K:
+        if isinstance(scheme, IntConfig) and not isinstance(scheme, TernaryConfig):
+            raise QuantkitError(f"--format {format_name} holds k-quant, ternary and float weights only; "
+                                f"{item.name} is {scheme.describe()}")
+        if isinstance(scheme, TernaryConfig) and scheme.granularity == "group" and (scheme.group_size or 0) % QK_K:
             raise QuantkitError(f"{item.name}: GGUF stores ternary weights in TQ blocks of {QK_K} with one scale "
                                 f"each; group size {scheme.group_size} splits them (use a multiple of {QK_K}, "
                                 "--granularity channel or tensor)")
-    return found
 
 
 def store_ternary(tensor: FileTensor, data: torch.Tensor, quantize: QuantizeItem) -> StoredTensor:
