@@ -50,6 +50,7 @@ from quantkit.schemes import (
 )
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import storage_dtype
+from quantkit.schemes.ternary import post_training_warning
 
 __all__ = ["CalibrationSettings", "QuantizeOptions", "calibrate", "expert_coverage", "inspect", "quantize"]
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the CLI's --max-shard-size 2GB
@@ -244,6 +245,9 @@ def _finish_report(report: QuantReport, started: float) -> None:
     if row_fallbacks:
         report.notes.append(f"{row_fallbacks} k-quant weight(s) fell back to another type: rows not divisible by "
                             "the block size (see type_rule)")
+    warning = post_training_warning([(t.scheme, t.rel_error) for t in report.tensors])
+    if warning:
+        report.notes.append(warning)
     partial = sum(1 for t in report.tensors if t.partial_group)
     if partial:
         report.notes.append(

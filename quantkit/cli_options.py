@@ -75,7 +75,7 @@ class SchemeOptions(OptionGroup):
 
     panel = "Scheme"
     method: Annotated[
-        str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | fp16 | bf16.")
+        str | None, typer.Option("--method", "-m", help="absmax | zeropoint | gptq | kquant | ternary | fp16 | bf16.")
     ] = None
     bits: Annotated[int | None, typer.Option("--bits", "-b", help="Integer bits, 2-8.")] = None
     group_size: Annotated[int | None, typer.Option(
@@ -123,7 +123,8 @@ class KquantOptions(OptionGroup):
 
     panel = "k-quant"
     ggml_type: Annotated[
-        str | None, typer.Option("--type", "-t", help="kquant: one ggml type for every weight (Q2_K..Q6_K, Q8_0, ...).")
+        str | None,
+        typer.Option("--type", "-t", help="kquant: one ggml type for every weight (Q2_K..Q6_K, Q8_0, TQ2_0, ...)."),
     ] = None
     shared_experts_type: Annotated[
         str | None, typer.Option("--shared-experts-type", help="kquant preset: ggml type of the shared experts.")

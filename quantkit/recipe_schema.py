@@ -121,8 +121,8 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
     SchemeField("damp", "number", "Dampening added to the Hessian diagonal, as a fraction of its mean.",
                 interval=Interval(0, 1, open_low=True, open_high=True)),
     SchemeField("block_size", "int", "Columns per lazy batch update.", interval=Interval(1)),
-    SchemeField("ggml_type", "str", "One ggml block type for every weight.", choices=BLOCK_FORMATS,
-                nullable=True),
+    SchemeField("ggml_type", "str", "One ggml block type for every weight (ternary: `TQ1_0` or `TQ2_0`, the GGUF "
+                "block type, default `TQ2_0`).", choices=BLOCK_FORMATS, nullable=True),
     SchemeField("kquant_preset", "str", "The llama.cpp preset choosing each tensor's block type.",
                 choices=KQUANT_PRESETS, nullable=True),
     SchemeField("tensor_types", "str", "A preset's per-tensor overrides, llama-quantize's `--tensor-type`: "

@@ -119,6 +119,29 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+BITNET: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                              tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def bitnet_model(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (rows of 256 and 512, a tokenizer) whose every linear weight is ``{-1, 0, +1} x s``, one
+    fp16-exact ``s`` per weight: what a model trained ternary (BitNet b1.58) stores."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model("llama", **BITNET)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for i, (name, param) in enumerate(model.named_parameters()):
+            if param.ndim == 2 and "embed_tokens" not in name:
+                trits = torch.randint(-1, 2, tuple(param.shape), generator=generator).to(torch.float32)
+                param.copy_(trits * 0.0078125 * (i + 1))
+    return copy_tokenizer(tiny_lm, save_model(model, tmp_path_factory.mktemp("bitnet") / "llama"))
+
+
 @pytest.fixture(scope="session")
 def test_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "text.txt"

@@ -33,6 +33,21 @@ def c_uint8_of(values: np.ndarray) -> np.ndarray:
     return (whole & 0xFF).astype(np.uint8)
 
 
+def c_amax(blocks: np.ndarray) -> np.ndarray:
+    """C's ``float amax = 0; for (...) amax = MAX(amax, fabsf(v));`` over the rows of float32 ``[G, n]``.
+
+    ``MAX(a, b)`` is ``a > b ? a : b``: a NaN is replaced by the next value, unless it is the last.
+    """
+    amax = np.abs(blocks).max(axis=1)
+    with_nan = np.flatnonzero(np.isnan(amax))
+    if with_nan.size:
+        seq = np.zeros(with_nan.size, dtype=F32)
+        for v in np.abs(blocks[with_nan]).T:
+            seq = np.where(seq > v, seq, v)
+        amax[with_nan] = seq
+    return amax
+
+
 def roundf(values: np.ndarray) -> np.ndarray:
     """C ``roundf`` (halves away from zero) of float32 values, as float32."""
     v = np.asarray(values, dtype=np.float64)

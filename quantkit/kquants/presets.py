@@ -19,7 +19,7 @@ types Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K and Q8_0 with no imatrix, and w
 
 Left out: the rules of architectures quantkit does not know (Falcon, GLM5-next, BailingMoE3) and the
 IQ/TQ/MXFP4 file types. The row-length fallback is
-``tensor_type_fallback``'s table (llama-quant.cpp lines 390-440): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
+``tensor_type_fallback``'s table (llama-quant.cpp lines 390-440): Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0, a 32-block type keeps its type, and a row that the fallback's block does
 not divide either becomes F16 (IQ4_NL is only the IQ types' fallback there). Differences from llama.cpp:
 
@@ -50,12 +50,14 @@ from quantkit.kquants.preset_tensors import (
 )
 from quantkit.registry import Registry
 
-OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")
+OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0",
+                  "F16")
 KEEP = "F32"  # the type reported for a tensor that is left as it is
 
 # tensor_type_fallback's switch (llama-quant.cpp, llama-cpp-python 0.3.36), for the types quantkit encodes;
 # a type not listed (the 32-blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) falls back to itself, then to F16
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+             "Q6_K": "Q8_0"}
 
 
 def block_size(type_name: str) -> int:
@@ -345,6 +347,6 @@ def preset_rules(preset: str) -> list[tuple[str, str]]:
         ("other weights (2-D and 3-D)", base),
         (
             "then: rows not a multiple of the type's block",
-            "Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if not a multiple of 32",
+            "Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if not a multiple of 32",
         ),
     ]

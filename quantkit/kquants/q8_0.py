@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from quantkit.kquants.base import BLOCK_FORMATS, BlockFormat
-from quantkit.kquants.ggml_math import F32, c_uint8_of, from_fp16, roundf, to_fp16
+from quantkit.kquants.ggml_math import F32, c_amax, c_uint8_of, from_fp16, roundf, to_fp16
 
 
 class Q8_0(BlockFormat):
@@ -28,21 +28,13 @@ class Q8_0(BlockFormat):
 
     def encode_rows(self, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         x = self.blocks_of(rows)
-        amax = np.abs(x).max(axis=1)
-        with_nan = np.flatnonzero(np.isnan(amax))
-        if with_nan.size:  # C's amax = MAX(amax, fabsf(v)): a NaN is replaced by the next value unless last
-            seq = np.zeros(with_nan.size, dtype=F32)
-            for v in np.abs(x[with_nan]).T:
-                seq = np.where(seq > v, seq, v)
-            amax[with_nan] = seq
+        amax = c_amax(x)
         d = (amax / F32(127)).astype(F32)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             inverse = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
             scaled = roundf(x * inverse[:, None])
-        if with_nan.size == 0 and np.isfinite(inverse).all() and np.isfinite(amax).all():
-            codes = scaled.astype(np.int8).view(np.uint8)  # every |x * inverse| <= 127
-        else:
-            codes = c_uint8_of(scaled)  # NaN and infinite values store 0, as on x86
+        finite = np.isfinite(scaled).all()  # no NaN or infinity among the weights or from 1/d: |x * inverse| <= 127
+        codes = scaled.astype(np.int8).view(np.uint8) if finite else c_uint8_of(scaled)  # NaN, inf store 0 (x86)
         out = np.empty((x.shape[0], self.type_size), dtype=np.uint8)
         out[:, :2] = to_fp16(d)[:, None].view(np.uint8)
         out[:, 2:] = codes

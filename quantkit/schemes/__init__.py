@@ -4,7 +4,7 @@ Each method is one module: a :class:`Scheme` registered under its name, whose ``
 dataclass of its settings (:mod:`quantkit.schemes.config`).
 """
 
-from quantkit.schemes import absmax, cast, gptq, kquant, zeropoint  # noqa: F401  (registration)
+from quantkit.schemes import absmax, cast, gptq, kquant, ternary, zeropoint  # noqa: F401  (registration)
 from quantkit.schemes.base import SCHEMES, BlockQuantized, CastTensor, IntQuantized, Quantized, Scheme
 from quantkit.schemes.cast import CastConfig
 from quantkit.schemes.config import (
@@ -17,6 +17,7 @@ from quantkit.schemes.config import (
 )
 from quantkit.schemes.gptq import GptqConfig
 from quantkit.schemes.kquant import KquantConfig
+from quantkit.schemes.ternary import TernaryConfig
 
 __all__ = [
     "SCHEMES",
@@ -31,6 +32,7 @@ __all__ = [
     "Quantized",
     "Scheme",
     "SchemeConfig",
+    "TernaryConfig",
     "ZeropointConfig",
     "config_type",
     "make_config",

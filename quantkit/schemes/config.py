@@ -48,6 +48,11 @@ class SchemeConfig(ABC):
         """The names of this config's settings (every field but ``method``)."""
         return frozenset(f.name for f in fields(cls) if f.name != "method")
 
+    @classmethod
+    def carried_settings(cls) -> frozenset[str]:
+        """The settings a switch to this method keeps from the previous one (those both have, unless narrowed)."""
+        return cls.settings()
+
     @abstractmethod
     def describe(self) -> str:
         """One short line for reports and tables, e.g. ``absmax int8 per-channel, restricted``."""
@@ -73,7 +78,8 @@ class SchemeConfig(ABC):
         refused = sorted(set(changes) - target.settings())
         if refused:
             raise SettingNotApplicable(refused, method)
-        kept = {name: getattr(self, name) for name in self.settings() & target.settings()}
+        carried = target.settings() if target is type(self) else target.carried_settings()
+        kept = {name: getattr(self, name) for name in self.settings() & carried}
         return target(method=method, **{**kept, **changes})._normalised(changes.keys())
 
     def _normalised(self, changed: Set[str]) -> SchemeConfig:

@@ -16,7 +16,8 @@ import torch
 
 from quantkit.api import QuantizeOptions, quantize
 from quantkit.formats.load import load_quantized
-from quantkit.recipe import get_preset
+from quantkit.recipe import Recipe, get_preset
+from quantkit.schemes import make_config
 
 pytest.importorskip("compressed_tensors", reason="the real-client check needs compressed-tensors")
 
@@ -53,3 +54,16 @@ def test_real_model_loads_in_transformers(stories_model: Path, tmp_path: Path) -
         a, b = client(ids).logits, base(ids).logits
     assert torch.equal(a, load_quantized(out, dtype=torch.float32)(ids).logits.detach())
     assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_plain_transformers_reads_a_ternary_model_exactly(bitnet_model: Path, tmp_path: Path) -> None:
+    """--method ternary as 2-bit pack-quantized: transformers' compressed-tensors path gets the original weights."""
+    import transformers
+
+    out = tmp_path / "out"
+    quantize(bitnet_model, Recipe(make_config("ternary")), out, options=QuantizeOptions(show_progress=False))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        client = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        base = transformers.AutoModelForCausalLM.from_pretrained(bitnet_model, dtype=torch.float32)
+        assert torch.equal(client(ids).logits, base(ids).logits)

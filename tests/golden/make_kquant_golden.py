@@ -8,7 +8,9 @@ llama.cpp vendored in llama-cpp-python's sdist, see ``tests/ggml_reference.py``)
 
 The file holds the float32 inputs (``rows``), an importance vector (``importance``), and for each
 type ``<TYPE>.ref`` (no importance: the ``quantize_row_*_ref`` encoders) and ``<TYPE>.imatrix``
-(ggml's importance-weighted encoders). Metadata records the source version and build flags.
+(ggml's importance-weighted encoders). The ternary types also encode ``ternary_rows``, BitNet-style weights
+(``{-1, 0, +1}`` times a scale) that they store exactly, as ``<TYPE>.ternary``. Metadata records the source
+version and build flags.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from safetensors.numpy import save_file
 
 from tests.ggml_reference import SDIST_VERSION, reference
 
-TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "TQ1_0", "TQ2_0")
+TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 N_PER_ROW = 768  # three super-blocks, 24 blocks of 32
 OUT = Path(__file__).with_name("kquants.safetensors")
 
@@ -60,16 +63,31 @@ def golden_importance(rng: np.random.Generator) -> np.ndarray:
     return importance
 
 
+def golden_ternary_rows(rng: np.random.Generator) -> np.ndarray:
+    """Rows of ``{-1, 0, +1}`` times one fp16-exact scale per row (one row a scale per 256-block), with an all-zero
+    block and a block without zeros: what a ternary-trained model's weights look like."""
+    trits = rng.integers(-1, 2, (4, N_PER_ROW)).astype(np.float32)
+    trits[0, :256] = 0.0
+    trits[1, 256:512] = np.where(trits[1, 256:512] == 0, 1.0, trits[1, 256:512])
+    scales = np.array([[0.0234375], [1.5], [3.0517578125e-05], [0.0]], dtype=np.float32)
+    rows = trits * scales
+    rows[3] = trits[3] * np.repeat(np.array([0.125, 0.0078125, 40.0], dtype=np.float32), 256)
+    return rows
+
+
 def main() -> None:
     ref = reference()
     if ref is None:
         raise SystemExit("no libggml-base: run python -m tests.ggml_reference build")
     rng = np.random.default_rng(20261123)
     rows, importance = golden_rows(rng), golden_importance(rng)
-    tensors = {"rows": rows, "importance": importance}
+    ternary_rows = golden_ternary_rows(rng)
+    tensors = {"rows": rows, "importance": importance, "ternary_rows": ternary_rows}
     for type_name in TYPES:
         tensors[f"{type_name}.ref"] = ref.quantize(type_name, rows)
         tensors[f"{type_name}.imatrix"] = ref.quantize(type_name, rows, importance)
+    for type_name in TERNARY_TYPES:
+        tensors[f"{type_name}.ternary"] = ref.quantize(type_name, ternary_rows)
     metadata = {
         "source": f"llama-cpp-python {SDIST_VERSION} sdist, vendored ggml, ggml_quantize_chunk",
         "build": "cmake -DGGML_NATIVE=OFF -DCMAKE_BUILD_TYPE=Release, target ggml-base",

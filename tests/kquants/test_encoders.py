@@ -21,24 +21,28 @@ from quantkit.kquants import BLOCK_FORMATS, decode, encode
 from tests.ggml_reference import reference
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "kquants.safetensors"
-TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "TQ1_0", "TQ2_0")
+TERNARY = ("TQ1_0", "TQ2_0")
 
 # Worst |error| of a round trip as a fraction of the block's largest |weight|, for ggml's reference
 # and importance-weighted encoders (which trade error on unimportant weights for important ones).
 # Measured worst over 480 random 8x1024 matrices (gaussian, uniform, student-t, sparse; 1e-1..1e3):
 # ref Q2_K .47 Q3_K .26 Q4_K .10 Q5_K .064 Q6_K .019 Q8_0 .008 Q4_0 .125 Q5_0 .063 Q4_1 .067 Q5_1 .033;
 # weighted Q2_K .85 Q3_K .38 Q4_K .17 Q5_K .081 Q6_K .096 Q8_0 .008 Q4_0 .22 Q5_0 .12 Q4_1 .18 Q5_1 .087 ...
+# TQ1_0/TQ2_0 (no weighted encoder) by construction: |x| < d/2 becomes 0, the rest +-d, so at most d/2 plus
+# the fp16 rounding of d (2^-11 of it).
 ERROR_BOUNDS = {
     False: {"Q2_K": 0.75, "Q3_K": 0.40, "Q4_K": 0.20, "Q5_K": 0.10, "Q6_K": 0.04, "Q8_0": 0.01, "Q4_0": 0.13,
-            "Q5_0": 0.065, "Q4_1": 0.07, "Q5_1": 0.035},
+            "Q5_0": 0.065, "Q4_1": 0.07, "Q5_1": 0.035, "TQ1_0": 0.501, "TQ2_0": 0.501},
     True: {"Q2_K": 1.0, "Q3_K": 0.60, "Q4_K": 0.30, "Q5_K": 0.15, "Q6_K": 0.15, "Q8_0": 0.01, "Q4_0": 0.35,
-           "Q5_0": 0.20, "Q4_1": 0.25, "Q5_1": 0.12},
+           "Q5_0": 0.20, "Q4_1": 0.25, "Q5_1": 0.12, "TQ1_0": 0.501, "TQ2_0": 0.501},
 }
 # ... plus the fp16 rounding of small scales: the largest |code x sub-block scale| times 2^-24, the
 # spacing of fp16 subnormals (a super-block scale below 6e-5 keeps only absolute precision).
 LARGEST_MULTIPLIER = {"Q2_K": 3 * 15 + 15, "Q3_K": 4 * 32, "Q4_K": 15 * 63 + 63, "Q5_K": 31 * 63 + 63,
                       "Q6_K": 32 * 128, "Q8_0": 127, "Q4_0": 8, "Q5_0": 16,
-                      "Q4_1": 15 + 1, "Q5_1": 31 + 1}  # Q4_1/Q5_1: the code times d, plus the fp16 minimum
+                      "Q4_1": 15 + 1, "Q5_1": 31 + 1,  # Q4_1/Q5_1: the code times d, plus the fp16 minimum
+                      "TQ1_0": 1, "TQ2_0": 1}
 
 
 def golden() -> dict[str, np.ndarray]:
@@ -110,7 +114,19 @@ def test_round_trip_error_bound(
     bound = ERROR_BOUNDS[weighted][type_name] * amax + LARGEST_MULTIPLIER[type_name] * 2.0**-24
     if type_name in ("Q4_1", "Q5_1"):  # a block minimum beyond fp16's 65504 is stored as -inf, in ggml too
         bound[blocks_x.min(axis=1) < -65504] = np.inf
+    if type_name in TERNARY:  # d = amax: beyond fp16's 65504 it is stored as inf, in ggml too
+        bound[amax[:, 0] > 65504] = np.inf
     assert np.all(blocks_err <= bound), f"worst error / bound {float((blocks_err / bound).max()):.3f}"
+
+
+@pytest.mark.parametrize("type_name", TERNARY)
+def test_ternary_weights_are_stored_exactly(type_name: str) -> None:
+    """BitNet-style rows ({-1, 0, +1} x an fp16-exact scale) decode to themselves, and match ggml's bytes."""
+    data = golden()
+    rows, expected = data["ternary_rows"], data[f"{type_name}.ternary"]
+    ours = encode(type_name, rows)
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(decode(type_name, ours, rows.shape[1]), rows)
 
 
 def test_zero_rows_decode_to_zero() -> None:
@@ -169,9 +185,13 @@ def _edge_rows(rng: np.random.Generator, n: int = 1024) -> np.ndarray:
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q4_0", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0"])
 def test_32_blocks_equal_ggml_on_edge_cases(type_name: str, weighted: bool) -> None:
-    """The 32-weight formats' degenerate blocks against a locally built libggml-base, byte for byte."""
+    """The 32-weight and ternary formats' degenerate blocks against a locally built libggml-base, byte for byte.
+
+    For TQ1_0/TQ2_0 a NaN inside a 256-block restarts ggml's running maximum, so later weights exceed the
+    scale and the C's wrapping arithmetic (``xi & 3``, ``uint8_t`` sums) decides the bytes.
+    """
     ref = reference()
     if ref is None:
         pytest.skip("no libggml-base built (python -m tests.ggml_reference build, or set QUANTKIT_GGML_LIB)")

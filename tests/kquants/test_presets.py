@@ -22,6 +22,7 @@ from quantkit.kquants.presets import (
     block_size,
     fallback_type,
     preset_rules,
+    type_bits_per_weight,
     use_more_bits,
 )
 
@@ -351,7 +352,8 @@ def test_fallback_for_128_wide_rows() -> None:
 def test_fallback_type() -> None:
     assert fallback_type("Q4_K", 4096) is None
     assert fallback_type("F16", 100) is None
-    for target, fallback in (("Q2_K", "Q4_0"), ("Q3_K", "Q4_0"), ("Q4_K", "Q5_0"), ("Q6_K", "Q8_0")):
+    for target, fallback in (("Q2_K", "Q4_0"), ("Q3_K", "Q4_0"), ("Q4_K", "Q5_0"), ("Q6_K", "Q8_0"),
+                             ("TQ1_0", "Q4_0"), ("TQ2_0", "Q4_0")):
         expected = Assignment(fallback, f"fallback from {target}: row 1408 not divisible by 256", target)
         assert fallback_type(target, 1408) == expected
     assert fallback_type("Q5_K", 1408, "--type") == Assignment(
@@ -363,6 +365,14 @@ def test_fallback_type() -> None:
                                                         legacy)
     assert fallback_type("Q6_K", 100) == Assignment("F16", "fallback from Q6_K: row 100 not divisible by 256", "Q6_K")
     assert fallback_type("Q8_0", 100) == Assignment("F16", "fallback from Q8_0: row 100 not divisible by 32", "Q8_0")
+    assert fallback_type("TQ2_0", 172) == Assignment("F16", "fallback from TQ2_0: row 172 not divisible by 256",
+                                                     "TQ2_0")
+
+
+def test_ternary_types_bits_per_weight() -> None:
+    """TQ1_0: 54 bytes per 256 weights (five trits a byte); TQ2_0: 66 (two bits a trit); plus the fp16 scale."""
+    assert (type_bits_per_weight("TQ1_0"), type_bits_per_weight("TQ2_0")) == (1.6875, 2.0625)
+    assert (block_size("TQ1_0"), block_size("TQ2_0")) == (256, 256)
 
 
 def test_rows_not_a_multiple_of_32_stay_f16() -> None:
@@ -449,9 +459,11 @@ def test_preset_rules_and_table() -> None:
 
 
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp of llama-cpp-python 0.3.36, lines 390-440), restated:
-#   case Q2_K, Q3_K: Q4_0 (line 414); case Q4_K: Q5_0 (415); case Q5_K: Q5_1 (416); case Q6_K: Q8_0 (417);
+#   case Q2_K, Q3_K, TQ1_0, TQ2_0: Q4_0 (lines 411-415); case Q4_K: Q5_0 (416); case Q5_K: Q5_1 (417);
+#   case Q6_K: Q8_0 (418);
 #   default with a block <= 32: the type itself (419-424); then F16 if that block does not divide ncols (429-437).
-LLAMA_CPP_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+LLAMA_CPP_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+                      "Q6_K": "Q8_0"}
 
 
 def _llama_cpp_fallback(type_name: str, ncols: int) -> str:

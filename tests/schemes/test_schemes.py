@@ -150,6 +150,6 @@ def test_group_size_need_not_divide_the_row() -> None:
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
-    known = "absmax, bf16, fp16, gptq, kquant, zeropoint"
+    known = "absmax, bf16, fp16, gptq, kquant, ternary, zeropoint"
     with pytest.raises(QuantkitError, match=f"unknown method 'gptq9'; supported: {known}"):
         SCHEMES.get("gptq9")

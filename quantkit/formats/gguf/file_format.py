@@ -1,10 +1,11 @@
-"""``--format gguf``: one llama.cpp GGUF file at ``--out`` (k-quants and float weights), the report beside it."""
+"""``--format gguf``: one llama.cpp GGUF file at ``--out`` (k-quants, ternary, float weights), its report beside it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from quantkit.formats.gguf.layout import GgufLayout
+from quantkit.formats.gguf.ternary import check_ternary, has_ternary
 from quantkit.formats.output import OUTPUT_FORMATS, FileFormat, refuse_integer_schemes
 from quantkit.plan import QuantPlan
 
@@ -17,7 +18,10 @@ class GgufFormat(FileFormat):
     name = "gguf"
 
     def check(self, plan: QuantPlan) -> None:
-        refuse_integer_schemes(plan, self.name)
+        if has_ternary(plan):
+            check_ternary(plan, self.name)
+        else:
+            refuse_integer_schemes(plan, self.name)
 
     def layout(self, plan: QuantPlan) -> GgufLayout:
         return GgufLayout(plan)

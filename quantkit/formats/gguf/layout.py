@@ -18,11 +18,12 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.hparams import add_hparams, export_of, llama3_rope_factors, model_hparams
 from quantkit.formats.gguf.tensors import gguf_tensors
+from quantkit.formats.gguf.ternary import store_ternary
 from quantkit.formats.gguf.tokenizer import add_tokenizer
 from quantkit.formats.gguf.writer import write_gguf
 from quantkit.formats.output import FileTensor, QuantizeItem, StoredTensor
 from quantkit.plan import QuantPlan
-from quantkit.schemes import BlockQuantized, KquantConfig
+from quantkit.schemes import BlockQuantized, KquantConfig, TernaryConfig
 
 
 class GgufLayout:
@@ -65,7 +66,9 @@ class GgufLayout:
         scheme = tensor.items[0].scheme if tensor.items else None
         if scheme is None:
             return StoredTensor(tensor.name, "F32", data.numpy())
-        if not isinstance(scheme, KquantConfig):  # the format admits k-quants and float casts only
+        if isinstance(scheme, TernaryConfig):
+            return store_ternary(tensor, data, quantize)
+        if not isinstance(scheme, KquantConfig):  # the format admits k-quants, ternary and float casts only
             stored = data.numpy().astype(np.float16)
             return StoredTensor(tensor.name, "F16", stored, torch.from_numpy(stored.astype(np.float32)))
         rows = data.reshape(len(tensor.items), -1, data.shape[-1])  # one slice per expert
