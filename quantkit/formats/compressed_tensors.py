@@ -1,12 +1,25 @@
-"""The compressed-tensors ``pack-quantized`` format (vLLM's native format; transformers loads it).
+"""The compressed-tensors formats (vLLM's native checkpoints; transformers loads them).
 
-Per quantized linear ``M`` (module name, e.g. ``model.layers.0.self_attn.q_proj``):
+Each module's format is the one compressed-tensors' own format inference gives its scheme
+(``infer_module_format``): ``int-quantized`` when the inputs are quantized too (W8A8: integer
+weights with INT8 activations), ``pack-quantized`` for weight-only schemes. vLLM picks its kernel
+from the format: it runs ``int-quantized`` as W8A8 and ``pack-quantized`` as weight-only (WNA16).
+The config's ``format`` is the modules' one format, or ``mixed-precision`` when both occur.
+
+``pack-quantized``, per quantized linear ``M`` (module name, e.g. ``model.layers.0.self_attn.q_proj``):
 
     M.weight_packed      int32 [out, ceil(in * b / 32)]     codes, see packing.py
     M.weight_scale       float [out, in / g] | [out, 1] | [1]
     M.weight_zero_point  int32 [ceil(out * b / 32), in / g]  asymmetric only (packed along dim 0)
     M.weight_shape       int64 [2]                           (out, in)
     M.weight_g_idx       int32 [in]                          act-order groups only (see below)
+    M.input_scale        float [1]                           static INT8 activations only
+
+``int-quantized`` (codes stored unpacked, as compressed-tensors' ``IntQuantizationCompressor``)::
+
+    M.weight             int8  [out, in]                     signed codes
+    M.weight_scale       float [out, in / g] | [out, 1] | [1]
+    M.weight_zero_point  int8  like weight_scale             asymmetric only
     M.input_scale        float [1]                           static INT8 activations only
 
 ``config.json`` gains ``quantization_config`` with one config group per distinct scheme;
@@ -24,7 +37,8 @@ columns by ``g_idx`` (``argsort``), applies contiguous groups and undoes the sor
 ``actorder: "group"``: its ``QuantizationArgs`` rejects it, so transformers (or vLLM) running with
 it cannot load such a checkpoint; quantkit's loader reads it. Act-order with contiguous groups
 (static groups, or per channel) needs no ``g_idx`` and is written as ``"actorder": "weight"``
-(calibration-only metadata that every version accepts).
+(calibration-only metadata that every version accepts). ``int-quantized`` has no ``g_idx``, so group
+act-order with INT8 activations is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +63,23 @@ if TYPE_CHECKING:
     from quantkit.plan import QuantPlan
 
 FORMAT = "pack-quantized"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
+INT_FORMAT = "int-quantized"
+MIXED_FORMAT = "mixed-precision"
+FORMATS = (FORMAT, INT_FORMAT, MIXED_FORMAT)
+SUFFIXES: tuple[str, ...] = (
+    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
+INT_SUFFIXES: tuple[str, ...] = ("weight", "weight_scale", "weight_zero_point", "input_scale")
+
+
+def module_format(config: IntConfig) -> str:
+    """The format compressed-tensors infers for ``config``: int-quantized with INT8 inputs, else pack-quantized."""
+    return INT_FORMAT if config.activations != "none" else FORMAT
 
 
 def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized linear."""
+    """The checkpoint tensors of one quantized linear, in its :func:`module_format`."""
+    if module_format(quantized.config) == INT_FORMAT:
+        return _encode_unpacked(module, quantized)
     bits = quantized.config.bits
     out = {
         f"{module}.weight_packed": pack_int32(quantized.codes, bits),
@@ -67,6 +94,16 @@ def encode(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
     g_idx = _checked_g_idx(module, quantized)
     if g_idx is not None:
         out[f"{module}.weight_g_idx"] = g_idx
+    return out
+
+
+def _encode_unpacked(module: str, quantized: IntQuantized) -> dict[str, torch.Tensor]:
+    """``int-quantized``: int8 codes as they are, the scale, and the int8 zero point when asymmetric."""
+    if _checked_g_idx(module, quantized) is not None:
+        raise ValueError(f"{module}: int-quantized (INT8 activations) cannot store act-order groups (g_idx)")
+    out = {f"{module}.weight": quantized.codes.contiguous(), f"{module}.weight_scale": quantized.scale.contiguous()}
+    if quantized.zero_point is not None:
+        out[f"{module}.weight_zero_point"] = quantized.zero_point.to(torch.int8).contiguous()
     return out
 
 
@@ -131,7 +168,11 @@ def validate_g_idx(
 
 
 def decode(tensors: dict[str, torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
-    """The dequantized weight from one module's tensors (keys without the module prefix)."""
+    """The dequantized weight from one module's tensors (keys without the module prefix), either format."""
+    if "weight_packed" not in tensors:  # int-quantized: int8 codes [out, in]
+        group_size = args.get("group_size")
+        return dequantize_codes(tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point"),
+                                int(group_size) if group_size else None)
     bits = int(args["num_bits"])
     shape_tensor = tensors["weight_shape"]
     shape = (int(shape_tensor[0]), int(shape_tensor[1]))
@@ -183,22 +224,23 @@ def quantization_config(assignments: dict[str, IntConfig], float_modules: list[s
     """``quantization_config`` for ``config.json``: module name -> scheme, plus modules left float."""
     by_args: dict[str, list[str]] = defaultdict(list)
     for module, config in assignments.items():
-        key = json.dumps([weight_args(config), input_activation_args(config)], sort_keys=True)
+        key = json.dumps([weight_args(config), input_activation_args(config), module_format(config)], sort_keys=True)
         by_args[key].append(module)
     all_names = list(assignments) + list(float_modules)
     groups = {}
     for i, (key, modules) in enumerate(sorted(by_args.items(), key=lambda kv: kv[1][0])):
-        weights, inputs = json.loads(key)
+        weights, inputs, group_format = json.loads(key)
         groups[f"group_{i}"] = {
             "targets": compact_targets(modules, all_names),
             "weights": weights,
             "input_activations": inputs,
             "output_activations": None,
-            "format": FORMAT,
+            "format": group_format,
         }
+    formats = {group["format"] for group in groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,  # as compressed-tensors flattens them
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": compact_targets(float_modules, all_names) if float_modules else [],
@@ -234,12 +276,24 @@ def compact_targets(selected: list[str], universe: list[str]) -> list[str]:
 
 def module_args(quant_config: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
     """(targets, group) for each config group of a ``quantization_config`` that quantizes weights."""
-    if quant_config.get("format") != FORMAT and not any(
-        g.get("format") == FORMAT for g in quant_config.get("config_groups", {}).values()
+    if quant_config.get("format") not in FORMATS and not any(
+        g.get("format") in FORMATS for g in quant_config.get("config_groups", {}).values()
     ):
         raise QuantkitError(f"unsupported compressed-tensors format {quant_config.get('format')!r}")
     groups = quant_config.get("config_groups") or {}
     return [(list(g.get("targets", [])), dict(g)) for g in groups.values() if g.get("weights")]
+
+
+def quantized_modules(tensor_names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Module -> the suffixes of its format's tensors: ``weight_packed`` marks pack-quantized, an int8
+    ``weight`` beside a ``weight_scale`` (and no ``weight_packed``) int-quantized."""
+    names = set(tensor_names)
+    modules = {n.removesuffix(".weight_packed"): SUFFIXES for n in names if n.endswith(".weight_packed")}
+    for name in names:
+        module = name.removesuffix(".weight_scale")
+        if name.endswith(".weight_scale") and module not in modules and f"{module}.weight" in names:
+            modules[module] = INT_SUFFIXES
+    return modules
 
 
 def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]], kind: str = "weights") -> dict[str, Any]:
@@ -254,12 +308,17 @@ def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]], kind: 
 
 
 class CompressedTensorsFormat(DirectoryFormat):
-    """compressed-tensors ``pack-quantized``, which plain transformers and vLLM load."""
+    """compressed-tensors ``pack-quantized`` / ``int-quantized``, which plain transformers and vLLM load."""
 
     name = "compressed-tensors"
 
     def check(self, plan: QuantPlan) -> None:
         refuse_kquants(plan, self.name)
+        for item in plan.tensors:
+            if isinstance(item.scheme, IntConfig) and item.scheme.activations != "none" and group_actorder(
+                    item.scheme):
+                raise QuantkitError(f"{item.name}: INT8 activations are written as int-quantized, which has no "
+                                    "act-order groups (g_idx): use --static-groups or per-channel scales")
 
     def encode(self, module: str, quantized: Quantized) -> dict[str, torch.Tensor]:
         assert isinstance(quantized, IntQuantized), "check() admits integer schemes and casts only"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from quantkit.schemes.activations import fake_quantize_dynamic, fake_quantize_st
 def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """On-disk names -> float tensors, with every quantized module's weight dequantized.
 
-    Reads compressed-tensors ``pack-quantized`` and GPTQ (``quant_method: "gptq"``, v1 or v2)
-    checkpoints; a GPTQ config may also come from ``quantize_config.json`` alone.
+    Reads compressed-tensors ``pack-quantized`` and ``int-quantized`` and GPTQ (``quant_method: "gptq"``,
+    v1 or v2) checkpoints; a GPTQ config may also come from ``quantize_config.json`` alone.
     """
     gptq_config = _gptq_config(checkpoint)
     if gptq_config is not None:
@@ -33,23 +34,20 @@ def dequantized_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     if quant_config is not None and ggml_blocks.is_ggml_blocks(quant_config):
         return _dequantized_block_state(checkpoint, quant_config)
     groups = compressed_tensors.module_args(quant_config) if quant_config else []
-    modules = {n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith(".weight_packed")}
-    state = _unquantized_tensors(checkpoint, modules, compressed_tensors.SUFFIXES)
-    for module in sorted(modules):
-        parts = {s: checkpoint.get(f"{module}.{s}") for s in compressed_tensors.SUFFIXES
-                 if f"{module}.{s}" in checkpoint}
+    modules = compressed_tensors.quantized_modules(checkpoint.tensors) if quant_config else {}
+    state = _unquantized_tensors(checkpoint, modules)
+    for module, suffixes in sorted(modules.items()):
+        parts = {s: checkpoint.get(f"{module}.{s}") for s in suffixes if f"{module}.{s}" in checkpoint}
         state[f"{module}.weight"] = compressed_tensors.decode(parts, compressed_tensors.args_for(module, groups))
     return state
 
 
-def _unquantized_tensors(
-    checkpoint: Checkpoint, modules: set[str], suffixes: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """Every tensor except the quantized modules' format tensors (``<module>.<suffix>``), as stored."""
+def _unquantized_tensors(checkpoint: Checkpoint, modules: Mapping[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """Every tensor except the quantized modules' format tensors (module -> its suffixes), as stored."""
     state: dict[str, torch.Tensor] = {}
     for name in checkpoint.tensors:
         module, _, suffix = name.rpartition(".")
-        if not (module in modules and suffix in suffixes):
+        if suffix not in modules.get(module, ()):
             state[name] = checkpoint.get(name)
     return state
 
@@ -68,8 +66,8 @@ def _gptq_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
 
 def _dequantized_gptq_state(checkpoint: Checkpoint, quant_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     fmt = gptq_v1.checkpoint_format(quant_config)
-    modules = {n.removesuffix(".qweight") for n in checkpoint.tensors if n.endswith(".qweight")}
-    state = _unquantized_tensors(checkpoint, modules, gptq_v1.SUFFIXES)
+    modules = {n.removesuffix(".qweight"): gptq_v1.SUFFIXES for n in checkpoint.tensors if n.endswith(".qweight")}
+    state = _unquantized_tensors(checkpoint, modules)
     for module in sorted(modules):
         args = gptq_v1.module_args(quant_config, module)
         if args is None:
@@ -81,8 +79,8 @@ def _dequantized_gptq_state(checkpoint: Checkpoint, quant_config: dict[str, Any]
 
 def _dequantized_block_state(checkpoint: Checkpoint, quant_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     suffix = f".{ggml_blocks.SUFFIX}"
-    modules = {n.removesuffix(suffix) for n in checkpoint.tensors if n.endswith(suffix)}
-    state = _unquantized_tensors(checkpoint, modules, (ggml_blocks.SUFFIX,))
+    modules = {n.removesuffix(suffix): (ggml_blocks.SUFFIX,) for n in checkpoint.tensors if n.endswith(suffix)}
+    state = _unquantized_tensors(checkpoint, modules)
     for module in sorted(modules):
         state[f"{module}.weight"] = ggml_blocks.decode_weight(module, checkpoint.get(module + suffix), quant_config)
     return state
@@ -166,7 +164,7 @@ def simulate_input_quantization(model: Any, checkpoint: Checkpoint) -> int:
     groups = compressed_tensors.module_args(quant_config)
     per_expert: dict[str, dict[str, dict[int, torch.Tensor | None]]] = {}
     count = 0
-    for module in sorted({n.removesuffix(".weight_packed") for n in checkpoint.tensors if n.endswith("_packed")}):
+    for module in sorted(compressed_tensors.quantized_modules(checkpoint.tensors)):
         inputs = compressed_tensors.args_for(module, groups, "input_activations")
         if not inputs:
             continue
