@@ -105,6 +105,9 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
                               ("dataset", "num_samples", "seq_len", "tokens", "all_experts", "min_expert_tokens")}
         report.calibration["path"] = str(options.calibration)
         report.calibration["flagged_experts"] = len(calib.starved())
+    if checkpoint.fp8 is not None:
+        report.notes.append(f"source weights: {checkpoint.fp8.describe()}, as DeepSeek's fp8_cast_bf16.py converts "
+                            "them; its fp8 quantization_config is not written")
     if plan.unexpected:
         report.notes.append(
             f"{len(plan.unexpected)} tensor(s) unknown to config.json copied unchanged, e.g. {plan.unexpected[0]}"
@@ -225,7 +228,7 @@ def _file_record(tensor: FileTensor, data: torch.Tensor, stored: StoredTensor, p
         nbytes, relative_error(data, data if stored.values is None else stored.values),
     )
     if stored.quantized:
-        record.type_rule = plan.type_rules.get(items[0].name)
+        record.type_rule = plan.type_rules.get(tensor.name) or plan.type_rules.get(items[0].name)
         counts = [tokens[item.name] for item in items]
         record.importance_tokens = None if counts[0] is None else min(t or 0 for t in counts)
     return record

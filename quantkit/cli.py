@@ -13,6 +13,7 @@ from quantkit.cli_groups import option_groups
 from quantkit.cli_options import (
     CalibrationDataOptions,
     DeviceOpt,
+    EvalModelArg,
     EvalOptions,
     GptqOptions,
     JsonOpt,
@@ -140,9 +141,10 @@ app.add_typer(eval_app, name="eval")
 @option_groups()
 @user_errors
 def eval_perplexity(
-    model: ModelArg = None,
+    model: EvalModelArg = None,
     base: Annotated[
-        str | None, typer.Option("--base", help="Float model to compare with: KL(base||model), top-1 agreement.")
+        str | None, typer.Option("--base", help="Float model (directory or GGUF) to compare with: KL(base||model), "
+                                                "top-1 agreement.")
     ] = None,
     *,
     evaluation: EvalOptions,

@@ -33,6 +33,11 @@ ModelArg = Annotated[
     str | None,
     typer.Argument(help="Checkpoint directory or hub id; default: the bundled demo model.", show_default=False),
 ]
+EvalModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Checkpoint directory, GGUF file or hub id; default: the bundled demo model.",
+                   show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run Python code shipped in the model directory (auto_map).")
@@ -126,9 +131,21 @@ class KquantOptions(OptionGroup):
     dense_ffn_type: Annotated[
         str | None, typer.Option("--dense-ffn-type", help="kquant preset: ggml type of dense (non-MoE) layers' FFN.")
     ] = None
+    tensor_type: Annotated[list[str] | None, typer.Option(
+        "--tensor-type", help="kquant preset: PATTERN=TYPE, as llama-quantize (regex searched in the GGUF name; "
+        "the first match wins; repeatable).")] = None
+    output_tensor_type: Annotated[
+        str | None, typer.Option("--output-tensor-type", help="kquant preset: ggml type of output.weight.")
+    ] = None
+    token_embedding_type: Annotated[
+        str | None, typer.Option("--token-embedding-type", help="kquant preset: ggml type of token_embd.weight.")
+    ] = None
 
     def overrides(self) -> dict[str, Any]:
-        return {"ggml_type": self.ggml_type}
+        from quantkit.kquants.preset_overrides import join_tensor_types  # deferred: --help stays fast
+
+        return {"ggml_type": self.ggml_type, "tensor_types": join_tensor_types(self.tensor_type),
+                "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type}
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,8 @@ SETTING_FLAGS = {  # scheme settings the command line sets, by the option that s
     "clip": "--weight-clip", "percentile": "--percentile", "activations": "--activations",
     "activation_range": "--range-method", "symmetric": "--sym", "act_order": "--act-order",
     "static_groups": "--static-groups", "damp": "--damp", "block_size": "--block-size", "ggml_type": "--type",
+    "tensor_types": "--tensor-type", "output_tensor_type": "--output-tensor-type",
+    "token_embedding_type": "--token-embedding-type",
 }
 
 
@@ -354,6 +373,10 @@ class EvalOptions(OptionGroup):
     batch_size: BatchSizeOpt = 4
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16.")] = "float32"
     device: DeviceOpt = "auto"
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Tokenizer directory or GGUF (default: MODEL's, --base's, "
+                                                   "then a GGUF's own).")
+    ] = None
 
     def settings(self, trust_remote_code: bool) -> EvalSettings:
         from quantkit.eval.run import EvalSettings  # deferred: pulls in torch; --help stays fast
@@ -361,7 +384,7 @@ class EvalOptions(OptionGroup):
         return EvalSettings(dataset=self.dataset, protocol=self.protocol, seq_len=self.seq_len, stride=self.stride,
                             max_windows=self.max_windows, batch_size=self.batch_size, text_field=self.text_field,
                             split=self.split, dtype=self.dtype, device=resolve_device(self.device),
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, tokenizer=self.tokenizer)
 
 
 # Values that options spell as text.

@@ -22,6 +22,8 @@ def print_inspection(info: dict[str, Any]) -> None:
         cov = info["experts"]
         facts.add_row("experts present", f"{cov['layers_with_experts']} layers x {cov['expected_per_layer']}"
                       f" ({'complete' if cov['complete'] else 'INCOMPLETE'})")
+    if info["source_weights"]:
+        facts.add_row("source weights", info["source_weights"])
     console.print(facts)
     plan = Table(title=f"recipe {info['recipe']['name']}: what quantize would do")
     for column in ("role / scheme", "tensors", "params", "bits/weight"):
@@ -65,6 +67,10 @@ def print_eval(result: dict[str, Any]) -> None:
     stride = f", stride {result['stride']}" if result["stride"] else ""
     table.add_row("protocol", f"{result['protocol']} (seq-len {result['seq_len']}{stride})")
     table.add_row("dataset", result["dataset"])
+    table.add_row("loaded", result["loaded"]["model"])
+    if result["base"]:
+        table.add_row("base loaded", result["loaded"]["base"])
+    table.add_row("tokenizer", result["tokenizer"])
     table.add_row("windows / tokens scored", f"{result['windows']} / {result['tokens_scored']:,}")
     table.add_row("perplexity", f"{result['ppl']:.4f}")
     if result["base"]:

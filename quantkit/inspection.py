@@ -39,6 +39,7 @@ def inspect(model: str | Path | None, recipe: Recipe) -> dict[str, Any]:
         "plan": actions,
         "estimated_size_mb": total_bits / 8 / 2**20,
         "original_size_mb": checkpoint.total_bytes() / 2**20,
+        "source_weights": checkpoint.fp8.describe() if checkpoint.fp8 is not None else None,
         "unexpected_tensors": plan.unexpected,
     }
 

@@ -4,7 +4,9 @@ Plans name tensors as the Hugging Face checkpoint does; llama.cpp's rules speak 
 (``blk.3.ffn_down_exps.weight``), where a layer's routed experts are one tensor. Each planned
 tensor is mapped to its GGUF name (experts of a layer share one, so they always share a type),
 the preset assigns a type per GGUF tensor, and the assignment comes back to every Hugging Face
-tensor behind it: a block type, ``F16`` (a float16 cast) or ``F32`` (kept as it is).
+tensor behind it: a block type, ``F16`` (a float16 cast) or ``F32`` (kept as it is). An architecture
+whose GGUF needs ``output.weight`` even with tied embeddings (qwen2moe) has it placed as llama.cpp sees
+it, an untied output; its type goes to ``QuantPlan.tied_output``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallback_type
+from quantkit.kquants.presets import Assignment, TensorSpec, assign_types, fallback_type, is_llama_70b
 from quantkit.model.archs.base import Role
 from quantkit.model.gguf_names import gguf_name
 from quantkit.recipe import pattern_matches
@@ -23,6 +25,7 @@ if TYPE_CHECKING:  # plan.py calls this module; at run time it only rebuilds pla
     from quantkit.plan import QuantPlan, TensorPlan
 
 PRESET_EXTRA_ROLES = (Role.EMBEDDING, Role.LM_HEAD)  # llama.cpp's presets quantize these too
+TIED_OUTPUT = "output.weight"  # the GGUF tensor some architectures add for tied embeddings
 
 
 def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
@@ -34,7 +37,8 @@ def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
     preset = default.kquant_preset if isinstance(default, KquantConfig) else None
     assignments: dict[str, Assignment] = {}
     if preset is not None:
-        assignments = _preset_assignments(plan, preset)
+        assert isinstance(default, KquantConfig)
+        assignments = _preset_assignments(plan, default)
     resolved: dict[str, tuple[SchemeConfig | None, str]] = {}
     unknown = set(plan.unexpected)  # kept as stored, e.g. an lm_head that a tied config does not use
     for item in plan.tensors:
@@ -61,7 +65,14 @@ def resolve_kquant_types(plan: QuantPlan) -> QuantPlan:
         for s in plan.sources
     ]
     rules = {name: rule for name, (_, rule) in resolved.items()}
-    return replace(plan, sources=sources, type_rules=rules)
+    tied_output = assignments.get(TIED_OUTPUT)
+    embedding = next((t for t in plan.tensors if t.role is Role.EMBEDDING), None)
+    if tied_output is None or embedding is None or embedding.name not in resolved:  # or the embedding is ignored
+        return replace(plan, sources=sources, type_rules=rules)
+    assert isinstance(default, KquantConfig)
+    scheme = _scheme_of(default, tied_output.type)
+    return replace(plan, sources=sources, type_rules={**rules, TIED_OUTPUT: tied_output.rule},
+                   tied_output=(scheme,))
 
 
 def _scheme_of(base: KquantConfig, type_name: str) -> SchemeConfig | None:
@@ -76,8 +87,10 @@ def _ignored(plan: QuantPlan, item: TensorPlan) -> bool:
     return any(pattern_matches(p, item.name, item.role) for p in plan.recipe.ignore)
 
 
-def _preset_assignments(plan: QuantPlan, preset: str) -> dict[str, Assignment]:
-    """The preset's assignment of every planned tensor with a GGUF name, keyed by Hugging Face name."""
+def _preset_assignments(plan: QuantPlan, default: KquantConfig) -> dict[str, Assignment]:
+    """The preset's assignment of every planned tensor with a GGUF name, keyed by Hugging Face name
+    (and :data:`TIED_OUTPUT`'s, where the GGUF adds it)."""
+    assert default.kquant_preset is not None
     config = plan.checkpoint.config
     n_layers = plan.arch.num_layers(config)
     by_gguf: dict[str, list[TensorPlan]] = defaultdict(list)
@@ -91,9 +104,21 @@ def _preset_assignments(plan: QuantPlan, preset: str) -> dict[str, Assignment]:
         TensorSpec(name, tuple(items[0].shape) if len(items) == 1 else (len(items), *items[0].shape))
         for name, items in by_gguf.items()
     ]
+    gguf = plan.arch.gguf
+    export = gguf.export if gguf is not None else None
+    tied_output = export is not None and export.output_when_tied and TIED_OUTPUT not in by_gguf
+    embedding = next((spec for spec in specs if spec.name == "token_embd.weight"), None)
+    if tied_output and embedding is not None:  # the GGUF's output.weight is the embedding: llama.cpp sees it untied
+        specs.append(TensorSpec(TIED_OUTPUT, embedding.shape))
     n_head = int(config.get("num_attention_heads", 1))
+    n_head_kv = int(config.get(export.head_count_kv if export else "num_key_value_heads") or n_head)
+    n_experts = plan.arch.num_experts(config) or 0
     types = assign_types(
-        preset, specs, n_layers=n_layers, n_experts=plan.arch.num_experts(config) or 0, n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        default.kquant_preset, specs, n_layers=n_layers, n_experts=n_experts, n_head=n_head, n_head_kv=n_head_kv,
+        llama_70b=is_llama_70b(gguf.arch if gguf else "", n_layers, n_experts, n_head, n_head_kv),
+        overrides=default.overrides(),
     )
-    return {item.name: types[name] for name, items in by_gguf.items() for item in items}
+    assigned = {item.name: types[name] for name, items in by_gguf.items() for item in items}
+    if TIED_OUTPUT in types and TIED_OUTPUT not in by_gguf:
+        assigned[TIED_OUTPUT] = types[TIED_OUTPUT]
+    return assigned

@@ -46,6 +46,9 @@ class QuantPlan:
     sources: list[SourcePlan]
     unexpected: list[str] = field(default_factory=list)
     type_rules: dict[str, str] = field(default_factory=dict)  # kquant: why each tensor got its block type
+    # kquant preset: the scheme of the output.weight a GGUF adds for tied embeddings (qwen2moe), in a 1-tuple
+    # (None inside: kept in F32); () when the embedding's scheme serves it
+    tied_output: tuple[SchemeConfig | None, ...] = ()
 
     @property
     def tensors(self) -> list[TensorPlan]:

@@ -32,6 +32,7 @@ import regex
 import yaml
 
 from quantkit.errors import QuantkitError
+from quantkit.kquants.preset_overrides import PRESET_OVERRIDES
 from quantkit.kquants.presets import KQUANT_PRESETS, OVERRIDE_TYPES
 from quantkit.model.archs.base import QUANTIZABLE_ROLES, Role
 from quantkit.recipe_schema import (
@@ -294,6 +295,9 @@ def _check_rule_scheme(rule: Rule, default: SchemeConfig, where: str) -> None:
     """The default updated with the rule's fields must be a valid scheme (unless the rule keeps float)."""
     if rule.changes.get("method") == FLOAT:
         return
+    whole_preset = sorted(set(rule.changes) & set(PRESET_OVERRIDES))
+    if whole_preset:
+        raise QuantkitError(f"{where}: {', '.join(whole_preset)} override the whole preset; set them in default")
     _checked_scheme(lambda: default.with_updates(**rule.changes), where)
 
 

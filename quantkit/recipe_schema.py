@@ -16,6 +16,7 @@ import regex
 
 from quantkit.errors import QuantkitError
 from quantkit.kquants import BLOCK_FORMATS
+from quantkit.kquants.preset_overrides import OVERRIDABLE
 from quantkit.kquants.presets import KQUANT_PRESETS
 from quantkit.model.archs.base import Role
 from quantkit.ranges.selectors import RANGE_SELECTORS
@@ -124,6 +125,13 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
                 nullable=True),
     SchemeField("kquant_preset", "str", "The llama.cpp preset choosing each tensor's block type.",
                 choices=KQUANT_PRESETS, nullable=True),
+    SchemeField("tensor_types", "str", "A preset's per-tensor overrides, llama-quantize's `--tensor-type`: "
+                "space-separated `PATTERN=TYPE`, the first pattern found in the GGUF name wins "
+                "(default only).", nullable=True),
+    SchemeField("output_tensor_type", "str", "A preset's type for `output.weight` (`--output-tensor-type`; "
+                "default only).", choices=OVERRIDABLE, nullable=True),
+    SchemeField("token_embedding_type", "str", "A preset's type for `token_embd.weight` "
+                "(`--token-embedding-type`; default only).", choices=OVERRIDABLE, nullable=True),
 )
 _BY_NAME = {spec.name: spec for spec in SCHEME_FIELDS}
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from quantkit.calib.artifact import load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate
 from quantkit.cli import app
+from quantkit.errors import QuantkitError
 from quantkit.formats.load import load_quantized
 from quantkit.kquants import decode, encode
 from quantkit.model.archs import get_arch
@@ -138,6 +140,11 @@ def test_importance_comes_from_calibration_per_expert(wide_model: Path, wide_cal
     (["--preset", "Q4_K_M", "--shared-experts-type", "Q9_K"], ["'Q9_K' for --shared-experts-type; supported: Q2_K"]),
     (["--preset", "Q4_K_M", "--dense-ffn-type", "q8_0"], ["'q8_0' for --dense-ffn-type"]),
     (["--method", "absmax", "--format", "gguf"], ["use --method kquant"]),
+    (["--method", "absmax", "--tensor-type", "attn_v=q8_0"], ["--tensor-type does not apply to method absmax"]),
+    (["--method", "kquant", "--type", "Q4_K", "--output-tensor-type", "Q8_0"], ["override a k-quant preset's"]),
+    (["--preset", "Q4_K_M", "--tensor-type", "attn_v"], ["--tensor-type 'attn_v': expected PATTERN=TYPE"]),
+    (["--preset", "Q4_K_M", "--tensor-type", "attn_v[=q8_0"], ["bad regular expression"]),
+    (["--preset", "Q4_K_M", "--token-embedding-type", "Q9_K"], ["'Q9_K' for --token-embedding-type; supported"]),
 ])
 def test_kquant_errors_are_one_line(wide_model: Path, tmp_path: Path, extra: list[str],
                                     fragments: list[str]) -> None:
@@ -239,3 +246,45 @@ def test_preset_keeps_an_lm_head_that_a_tied_config_does_not_use(wide_model: Pat
     # tied: llama.cpp gives token_embd the output's type, as it doubles as the output
     assert "lm_head" not in weights["weights"] and weights["weights"]["model.embed_tokens"]["type"] == "Q6_K"
     assert torch.equal(checkpoint.get("lm_head.weight"), Checkpoint.open(wide_model).get("lm_head.weight"))
+
+
+def test_llama_quantize_overrides_on_a_tied_qwen2_moe_gguf(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """qwen2moe's GGUF holds an output.weight for tied embeddings: llama.cpp types it as an untied output."""
+    model = tmp_path / "tied"
+    shutil.copytree(tiny_models["qwen2_moe"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    plain, custom = tmp_path / "plain.gguf", tmp_path / "custom.gguf"
+    code, _, err = run("quantize", model, "--preset", "Q4_K_M", "--format", "gguf", "--out", plain)
+    assert code == 0, err
+    # rows of 64: the output rule gives Q8_0 (256 does not divide them); token_embd, untied for llama.cpp,
+    # keeps the base Q4_K and falls back to Q5_0
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(plain).tensors}
+    assert got["output.weight"] == "Q8_0" and got["token_embd.weight"] == "Q5_0"
+    code, _, err = run("quantize", model, "--preset", "Q4_K_M", "--tensor-type", r"blk\.1\.attn_q=q8_0",
+                       "--tensor-type", "ATTN_=F16", "--output-tensor-type", "q8_0", "--token-embedding-type", "F32",
+                       "--format", "gguf", "--out", custom)
+    assert code == 0, err
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(custom).tensors}
+    assert got["blk.1.attn_q.weight"] == "Q8_0" and got["blk.0.attn_q.weight"] == "F16"  # the first match wins
+    assert got["blk.0.attn_output.weight"] == "F16" and got["blk.0.ffn_gate_exps.weight"] == "Q5_0"
+    assert got["output.weight"] == "Q8_0" and got["token_embd.weight"] == "F32"
+    report = {t["name"]: t for t in json.loads((tmp_path / "custom.quantkit_report.json").read_text())["tensors"]}
+    assert report["output.weight"]["type_rule"] == "--output-tensor-type"
+    assert report["blk.1.attn_q.weight"]["type_rule"] == r"--tensor-type blk\.1\.attn_q=Q8_0"
+
+
+def test_overrides_apply_to_the_whole_preset() -> None:
+    with pytest.raises(QuantkitError, match="output_tensor_type override the whole preset; set them in default"):
+        get_preset("Q4_K_M").with_rule(["role:routed_expert"], output_tensor_type="Q8_0")
+
+
+def test_n_gqa_comes_from_the_gguf_head_count_kv(tmp_path: Path) -> None:
+    """DeepSeek's GGUF writes head_count_kv = head_count (MLA): llama.cpp's n_gqa is 1 whatever the config says."""
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model("deepseek_v2", **{**WIDE, "num_hidden_layers": 1, "kv_lora_rank": 256,
+                                                                  "num_key_value_heads": 1})
+    model = save_model(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), tmp_path / "m")
+    schemes = {t.name: t.scheme for t in make_plan(Checkpoint.open(model), get_preset("Q2_K")).tensors}
+    # Q2_K's attn_kv_b (rows of 256): Q3_K with n_gqa < 4, Q4_K had the config's 4 query heads per KV head counted
+    assert schemes["model.layers.0.self_attn.kv_b_proj.weight"].ggml_type == "Q3_K"  # type: ignore[union-attr]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import platform
 from dataclasses import dataclass
@@ -14,12 +12,11 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import EvalResult, evaluate
+from quantkit.eval.sources import describe_loader, eval_tokenizer, load_model, resolve_source
 from quantkit.eval.windows import make_windows
-from quantkit.formats.load import load_quantized
 from quantkit.jsonfile import read_json_object
-from quantkit.model.archs import ARCHS
-from quantkit.model.checkpoint import Checkpoint, resolve_model_path
-from quantkit.model.tokenizer import check_token_ids, load_tokenizer, transformers_refusal
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.tokenizer import check_token_ids
 from quantkit.outputs import atomic_file
 from quantkit.text_sources import load_text
 from quantkit.version import __version__
@@ -41,29 +38,11 @@ class EvalSettings:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map)
+    tokenizer: str | None = None  # a directory or GGUF to take the tokenizer from (default: see eval/sources.py)
 
     @property
     def window_len(self) -> int:
         return self.seq_len or DEFAULT_SEQ_LEN[self.protocol]
-
-
-def load_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> Any:
-    """A float model: quantkit's loader for its architectures (quantized or not), else transformers.
-
-    Code in the model directory (``auto_map``) runs only with ``trust_remote_code``; never a prompt.
-    """
-    import transformers  # deferred: slow to import; the CLI's --help and errors come without it
-
-    transformers.logging.set_verbosity_error()
-    if Checkpoint(path).model_type in ARCHS:
-        return load_quantized(path, dtype=dtype, device=device)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers and code the user trusted raise anything; each is one line here
-        raise QuantkitError(transformers_refusal(path, exc)) from None
-    return model.to(device).eval()
 
 
 def run_perplexity(
@@ -72,16 +51,20 @@ def run_perplexity(
     base: str | Path | None = None,
     on_progress: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (and ``base`` on the same windows); returns the results record."""
-    model_path = resolve_model_path(model)
-    base_path = resolve_model_path(base) if base is not None else None
+    """Evaluate ``model`` (and ``base`` on the same windows); each a checkpoint directory or a GGUF file.
+
+    Returns the results record.
+    """
+    model_path = resolve_source(model)
+    base_path = resolve_source(base) if base is not None else None
     dtype = _dtype(settings.dtype)
-    tokenizer = load_tokenizer(model_path, *([base_path] if base_path else []),
-                               trust_remote_code=settings.trust_remote_code)
+    explicit = Path(settings.tokenizer).expanduser() if settings.tokenizer else None
+    tokenizer, tokenizer_source = eval_tokenizer(explicit, model_path, base_path, settings.trust_remote_code)
     source = load_text(settings.dataset, settings.text_field, settings.split)
     ids = torch.tensor(tokenizer(source.text, verbose=False)["input_ids"], dtype=torch.long)
     for path in (model_path, *([base_path] if base_path else [])):
-        check_token_ids(ids, Checkpoint(path).config, path)
+        if path.is_dir():  # a GGUF's vocabulary is checked once it is loaded
+            check_token_ids(ids, Checkpoint(path).config, path)
     windows = make_windows(ids, settings.protocol, settings.window_len, settings.stride, tokenizer.bos_token_id)
     if settings.max_windows is not None:
         if settings.max_windows < 1:
@@ -89,13 +72,21 @@ def run_perplexity(
         windows = windows[: settings.max_windows]
     quantized = load_model(model_path, dtype, settings.device, settings.trust_remote_code)
     reference = load_model(base_path, dtype, settings.device, settings.trust_remote_code) if base_path else None
+    if model_path.is_file():
+        check_token_ids(ids, {"vocab_size": quantized.config.vocab_size}, model_path)
+    if base_path is not None and base_path.is_file() and reference is not None:
+        check_token_ids(ids, {"vocab_size": reference.config.vocab_size}, base_path)
     if reference is not None and reference.config.vocab_size != quantized.config.vocab_size:
         raise QuantkitError("MODEL and --base have different vocabularies; they must share a tokenizer")
     if on_progress is not None:
         on_progress(total=len(windows))
     result = evaluate(quantized, windows, base=reference, batch_size=settings.batch_size, device=settings.device,
                       on_batch=on_progress)
-    return results_record(model_path, base_path, source.name, settings, len(ids), result)
+    record = results_record(model_path, base_path, source.name, settings, len(ids), result)
+    record["loaded"] = {"model": describe_loader(model_path),
+                        "base": describe_loader(base_path) if base_path else None}
+    record["tokenizer"] = tokenizer_source
+    return record
 
 
 def results_record(

@@ -11,6 +11,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import compressed_tensors, ggml_blocks, gptq_v1
+from quantkit.formats.gguf.config import hf_config, open_gguf
+from quantkit.formats.gguf.read import gguf_state, rope_factors
 from quantkit.jsonfile import read_json_object
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
@@ -91,33 +93,64 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
 
     Weights are dequantized exactly as compressed-tensors does (GPTQ checkpoints: as AutoGPTQ's
     reference dequantization, in fp16), then cast to ``dtype`` (default: the checkpoint's
-    ``dtype``/``torch_dtype``).
+    ``dtype``/``torch_dtype``). A GGUF file is read by :func:`load_gguf` (default dtype float32).
     """
-    import transformers  # deferred: transformers takes seconds to import
-
+    if Path(path).is_file():
+        return load_gguf(Path(path), dtype or torch.float32, device)
     checkpoint = Checkpoint.open(path)
     arch = get_arch(checkpoint.model_type)
     config_dict = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
-    config = transformers.AutoConfig.for_model(**config_dict)
     if dtype is None:
         dtype = _config_dtype(config_dict)
-    state = arch.to_memory_state(dequantized_state(checkpoint))
-    from transformers.initialization import no_init_weights  # deferred: transformers takes seconds to import
+    model = _empty_model(config_dict, dtype)
+    _assign_weights(model, arch.to_memory_state(dequantized_state(checkpoint)), dtype, checkpoint.path)
+    simulate_input_quantization(model, checkpoint)
+    return model.to(device).eval()
 
-    with contextlib.redirect_stderr(io.StringIO()), no_init_weights():  # every weight is loaded below
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """A GGUF file (of an architecture quantkit exports) as a float ``transformers`` model.
+
+    The config is rebuilt from the metadata (:mod:`quantkit.formats.gguf.config`), every tensor
+    dequantized by the gguf package and put back under its Hugging Face name (:mod:`quantkit.formats.gguf.read`).
+    """
+    reader = open_gguf(path)
+    config_dict = hf_config(reader, path)
+    arch = get_arch(config_dict["model_type"])
+    model = _empty_model(config_dict, dtype)
+    disk_shapes = arch.disk_shapes({name: tuple(t.shape) for name, t in model.state_dict().items()})
+    _assign_weights(model, arch.to_memory_state(gguf_state(reader, arch, config_dict, disk_shapes, path)), dtype, path)
+    factors = rope_factors(reader, path)
+    if factors is not None:  # llama.cpp divides each RoPE frequency by its factor
+        for module in model.modules():
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and module.inv_freq.shape == factors.shape:
+                module.inv_freq = module.inv_freq / factors
+                module.original_inv_freq = module.inv_freq
+    return model.to(device).eval()
+
+
+def _empty_model(config_dict: dict[str, Any], dtype: torch.dtype) -> Any:
+    """The transformers model of ``config_dict`` (with its ``model_type``), weights left uninitialised."""
+    import transformers  # deferred: transformers takes seconds to import
+    from transformers.initialization import no_init_weights
+
+    config = transformers.AutoConfig.for_model(**config_dict)
+    with contextlib.redirect_stderr(io.StringIO()), no_init_weights():  # every weight is assigned afterwards
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _assign_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, source: Path) -> None:
+    """Make the tensors of ``state`` (in-memory names) the model's parameters; every weight must be there."""
     # assign: the parameters become the loaded tensors; the uninitialised ones are never touched (never resident)
     result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
     if missing:
-        raise QuantkitError(f"{checkpoint.path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}")
+        raise QuantkitError(f"{source} lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}")
     if result.unexpected_keys:
         unknown = result.unexpected_keys[0]
-        raise QuantkitError(f"{checkpoint.path} has weight(s) the model does not know, e.g. {unknown}")
-    if getattr(config, "tie_word_embeddings", False):
+        raise QuantkitError(f"{source} has weight(s) the model does not know, e.g. {unknown}")
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    simulate_input_quantization(model, checkpoint)
-    return model.to(device).eval()
 
 
 def simulate_input_quantization(model: Any, checkpoint: Checkpoint) -> int:

@@ -3,18 +3,22 @@
 A port of ``llama_tensor_get_type`` and its helpers (``tensor_get_category``,
 ``tensor_allows_quantization``, ``tensor_type_fallback``, ``llama_ftype_get_default_type``) from
 ``src/llama-quant.cpp`` of the llama.cpp vendored in llama-cpp-python 0.3.36, for the non-IQ file
-types Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K and Q8_0 with no imatrix and no user overrides
-(``--tensor-type``, ``--output-tensor-type``, ``--pure``). As in llama.cpp:
+types Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K and Q8_0 with no imatrix, and with llama-quantize's
+``--tensor-type``, ``--output-tensor-type`` and ``--token-embedding-type`` overrides
+(:mod:`quantkit.kquants.preset_overrides`; not ``--pure``). As in llama.cpp:
 
 * tensors are visited in llama.cpp's file order (``weight_name_comparer``: by block number, then
   name); the attn_v-like tensors (``attn_v``, ``attn_qkv``, ``attn_kv_b``) are counted in that
   order, and ``ffn_down`` is placed by its block number when ``n_expert > 1`` (merged
-  ``ffn_down_exps`` and ``ffn_down_shexp`` of a block share it), else by a running count;
+  ``ffn_down_exps`` and ``ffn_down_shexp`` of a block share it), else by a running count; a tensor
+  a ``--tensor-type`` pattern sets is not counted;
 * the 8-expert special cases test ``n_expert == 8`` exactly (Mixtral), not ``>= 8``;
-* with no ``output.weight`` (tied embeddings) ``token_embd`` takes the output rules.
+* with no ``output.weight`` (tied embeddings) ``token_embd`` takes the output rules;
+* ``LLM_TYPE_70B`` (an 80-block Llama with grouped KV heads, an 80-block Qwen2) raises a Q3_K or
+  Q4_K attn_v to Q5_K.
 
-Left out: the architecture- and size-specific rules (Falcon, GLM5-next, the Llama-70B attn_v bump,
-which keys on ``LLM_TYPE_70B``) and the IQ/TQ/MXFP4 file types. The row-length fallback is
+Left out: the rules of architectures quantkit does not know (Falcon, GLM5-next, BailingMoE3) and the
+IQ/TQ/MXFP4 file types. The row-length fallback is
 ``tensor_type_fallback``'s table (llama-quant.cpp lines 390-440): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0, a 32-block type keeps its type, and a row that the fallback's block does
 not divide either becomes F16 (IQ4_NL is only the IQ types' fallback there). Differences from llama.cpp:
@@ -24,18 +28,26 @@ not divide either becomes F16 (IQ4_NL is only the IQ types' fallback there). Dif
   without experts, e.g. DeepSeek's first_k_dense_replace blocks; in a dense model that is every FFN).
   They are recipe rules (``role:shared_expert`` / ``role:dense_mlp`` with a ``ggml_type``, see
   ``Recipe.with_kquant_type``) that replace the preset's choice exactly, as ``--tensor-type`` does, and
-  are still subject to the fallback.
+  are still subject to the fallback; they come before ``--tensor-type``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gguf
 
 from quantkit.errors import QuantkitError
+from quantkit.kquants.preset_overrides import NO_OVERRIDES, TypeOverrides
+from quantkit.kquants.preset_tensors import (
+    ATTN_V_LIKE,
+    TensorSpec,
+    block_of,
+    file_order,
+    kept_reason,
+    tensor_category,
+)
 from quantkit.registry import Registry
 
 OVERRIDE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")
@@ -141,91 +153,12 @@ for _preset in PRESET_ORDER:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One tensor to place: its GGUF name and numpy shape ``[..., n_rows, n_per_row]``."""
-
-    name: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class Assignment:
     """The type chosen for a tensor (``F32``: left unquantized) and why."""
 
     type: str
     rule: str
     fallback_from: str | None = None  # the type the rules chose when the row length forced another
-
-
-# tensor_get_category: the first substring that occurs names the category (order matters)
-_CATEGORIES = (
-    ("attn_qkv.weight", "attn_qkv"),
-    ("attn_kv_b.weight", "attn_kv_b"),
-    ("attn_v.weight", "attn_v"),
-    ("attn_k.weight", "attn_k"),
-    ("attn_q.weight", "attn_q"),
-    ("attn_output.weight", "attn_output"),
-    ("ffn_up", "ffn_up"),
-    ("ffn_gate", "ffn_gate"),
-    ("ffn_down", "ffn_down"),
-)
-_ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")
-_TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
-
-# tensor_allows_quantization's name checks that do not depend on the architecture
-_KEPT_EXACT = ("position_embd.weight", "token_types.weight")
-_KEPT_SUBSTRINGS = (
-    "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
-    "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight",
-    "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
-    "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight",
-    "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
-    ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger",
-    "a.rvq.codebook", "mm.a.code_embd",
-)
-
-_BLOCK = re.compile(r"blk\.(\d+)\.")
-
-
-def _category(name: str) -> str:
-    if name == "output.weight":
-        return "output"
-    if name in _TOKEN_EMBD:
-        return "token_embd"
-    return next((category for text, category in _CATEGORIES if text in name), "other")
-
-
-def _block_of(name: str) -> int | None:
-    match = _BLOCK.match(name)
-    return int(match[1]) if match else None
-
-
-def _file_order(spec: TensorSpec) -> tuple[int, str]:
-    block = _block_of(spec.name)
-    return (-1 if block is None else block, spec.name)
-
-
-def _ggml_n_dims(shape: tuple[int, ...]) -> int:
-    """``ggml_n_dims``: dimensions up to the last one (ggml order) longer than 1."""
-    ne = shape[::-1]
-    return next((i + 1 for i in range(len(ne) - 1, 0, -1) if ne[i] > 1), 1)
-
-
-def _kept_reason(spec: TensorSpec) -> str | None:
-    """Why ``tensor_allows_quantization`` leaves this tensor as it is, or None if it is quantized."""
-    name = spec.name
-    if _ggml_n_dims(spec.shape) < 2:
-        return "1-D: never quantized"
-    if not name.endswith("weight"):
-        return "not a weight: never quantized"
-    if "_norm.weight" in name:
-        return "norm: never quantized"
-    if "ffn_gate_inp.weight" in name:
-        return "router: never quantized"
-    if name in _KEPT_EXACT:
-        return "position/token-type embedding: never quantized"
-    kept = next((text for text in _KEPT_SUBSTRINGS if text in name), None)
-    return f"{kept}: never quantized" if kept else None
 
 
 @dataclass
@@ -238,6 +171,8 @@ class _State:
     n_gqa: int
     tied_embeddings: bool
     n_attention_wv: int
+    llama_70b: bool = False
+    output_tensor_type: str | None = None
     i_attention_wv: int = 0
     i_ffn_down: int = 0
 
@@ -253,24 +188,29 @@ def _apply(rule: TypeRule | None, what: str, index: int, count: int, state: _Sta
 
 def _preset_type(spec: TensorSpec, state: _State) -> tuple[str, str]:
     """``llama_tensor_get_type_impl`` for one quantizable tensor; advances the counters."""
-    preset, base, category = state.preset, state.preset.base, _category(spec.name)
+    preset, base, category = state.preset, state.preset.base, tensor_category(spec.name)
     if category == "output" or (category == "token_embd" and state.tied_embeddings):
         what = "output" if category == "output" else "token_embd (tied embeddings): as output"
+        if state.output_tensor_type is not None:
+            return state.output_tensor_type, f"{what}: --output-tensor-type"
         if spec.shape[-1] % block_size(base):
             return "Q8_0", f"{what}, row {spec.shape[-1]} not a multiple of {block_size(base)}"
         return ("Q6_K" if base != "Q8_0" else base), what
-    if category in _ATTN_V_LIKE:
+    if category in ATTN_V_LIKE:
         index = state.i_attention_wv
         state.i_attention_wv += 1
         if state.n_expert == 8:
             return "Q8_0", f"{category} in an 8-expert model"
-        return _apply(preset.attn_v, category, index, state.n_attention_wv, state)
+        type_name, rule = _apply(preset.attn_v, category, index, state.n_attention_wv, state)
+        if state.llama_70b and type_name in ("Q3_K", "Q4_K"):
+            return "Q5_K", f"{rule}, raised to Q5_K in a 70B Llama (8 heads share attn_v)"
+        return type_name, rule
     if category == "attn_k" and state.n_expert == 8:
         return "Q8_0", "attn_k in an 8-expert model"
     if category == "ffn_down":
         i_layer = state.i_ffn_down
         if state.n_expert > 1:  # layer_info: merged experts are placed by their block number
-            block = _block_of(spec.name)
+            block = block_of(spec.name)
             if block is None or block >= state.n_layers:
                 raise QuantkitError(f"tensor {spec.name}: no block number in [0, {state.n_layers})")
             i_layer = block
@@ -301,6 +241,16 @@ def fallback_type(type_name: str, n_per_row: int, rule: str | None = None) -> As
     return Assignment(new, f"{reason} ({rule})" if rule else reason, fallback_from=type_name)
 
 
+def is_llama_70b(gguf_arch: str, n_layers: int, n_experts: int, n_head: int, n_head_kv: int) -> bool:
+    """llama.cpp's ``LLM_TYPE_70B`` for the architectures quantkit knows: an 80-block ``llama`` (not 8 experts)
+    with grouped KV heads, or an 80-block ``qwen2`` (``load_arch_hparams`` of src/models/llama.cpp, qwen2.cpp)."""
+    if n_layers != 80:
+        return False
+    if gguf_arch == "llama":
+        return n_experts != 8 and n_head != n_head_kv
+    return gguf_arch == "qwen2"
+
+
 def assign_types(
     preset: str,
     tensors: Sequence[TensorSpec],
@@ -309,11 +259,18 @@ def assign_types(
     n_experts: int,
     n_head: int,
     n_head_kv: int,
+    llama_70b: bool = False,
+    overrides: TypeOverrides = NO_OVERRIDES,
 ) -> dict[str, Assignment]:
     """The type of every tensor under ``preset``, keyed by name in the order given.
 
     ``n_layers`` is the block count (llama.cpp's ``n_layer_all``), ``n_experts`` the routed
-    experts per layer (0 or 1 for a dense model); ``n_head``/``n_head_kv`` give ``n_gqa``.
+    experts per layer (0 or 1 for a dense model); ``n_head``/``n_head_kv`` (the GGUF's) give ``n_gqa``;
+    ``llama_70b`` is llama.cpp's ``LLM_TYPE_70B`` (:func:`is_llama_70b`). ``overrides`` are applied as
+    ``llama_tensor_get_type`` applies llama-quantize's options: ``--token-embedding-type`` and
+    ``--output-tensor-type`` replace the type of ``token_embd``/``output`` with no row fallback;
+    else the first ``--tensor-type`` pattern found in the name replaces the preset's rules for that
+    tensor (which then does not advance the attn_v/ffn_down counters), and the fallback applies.
     """
     state = _State(
         preset=KQUANT_PRESETS.get(preset),
@@ -321,7 +278,9 @@ def assign_types(
         n_expert=max(1, n_experts),
         n_gqa=n_head // n_head_kv if n_head_kv else 0,
         tied_embeddings=all(t.name != "output.weight" for t in tensors),
-        n_attention_wv=sum(_category(t.name) in _ATTN_V_LIKE for t in tensors),
+        n_attention_wv=sum(tensor_category(t.name) in ATTN_V_LIKE for t in tensors),
+        llama_70b=llama_70b,
+        output_tensor_type=overrides.output_tensor_type,
     )
     if n_layers < 1:
         raise QuantkitError(f"n_layers must be at least 1, got {n_layers}")
@@ -329,14 +288,35 @@ def assign_types(
         raise QuantkitError("tensor names must be unique")
 
     chosen: dict[str, Assignment] = {}
-    for spec in sorted(tensors, key=_file_order):
-        kept = _kept_reason(spec)
+    for spec in sorted(tensors, key=file_order):
+        kept = kept_reason(spec)
         if kept is not None:
             chosen[spec.name] = Assignment(KEEP, kept)
             continue
-        type_name, rule = _preset_type(spec, state)
+        category, manual = tensor_category(spec.name), overrides.match(spec.name)
+        # per_layer_token_embd follows --token-embedding-type unless a --tensor-type pattern names it
+        if overrides.token_embedding_type and category == "token_embd" and (
+                manual is None or spec.name != "per_layer_token_embd.weight"):
+            chosen[spec.name] = _exact(spec, overrides.token_embedding_type, "--token-embedding-type")
+            continue
+        if overrides.output_tensor_type and category == "output":
+            chosen[spec.name] = _exact(spec, overrides.output_tensor_type, "--output-tensor-type")
+            continue
+        if manual is not None:
+            type_name, rule = manual.type, manual.describe()
+        else:
+            type_name, rule = _preset_type(spec, state)
         chosen[spec.name] = fallback_type(type_name, spec.shape[-1], rule) or Assignment(type_name, rule)
     return {t.name: chosen[t.name] for t in tensors}
+
+
+def _exact(spec: TensorSpec, type_name: str, option: str) -> Assignment:
+    """A type llama.cpp applies with no row fallback: refused (llama.cpp aborts) where its block does not fit."""
+    block = block_size(type_name)
+    if spec.shape[-1] % block:
+        raise QuantkitError(f"{option} {type_name}: {spec.name} has rows of {spec.shape[-1]} weights, not a "
+                            f"multiple of its block of {block} (llama.cpp applies this type with no fallback)")
+    return Assignment(type_name, option)
 
 
 def preset_rules(preset: str) -> list[tuple[str, str]]:
@@ -353,9 +333,12 @@ def preset_rules(preset: str) -> list[tuple[str, str]]:
         ("norms, routers (ffn_gate_inp), biases, 1-D", f"{KEEP}: kept as they are"),
         ("ffn_gate/up/down_shexp", "--shared-experts-type when given"),
         ("ffn_gate/up/down of dense blocks", "--dense-ffn-type when given"),
+        ("token_embd.weight, output.weight", "--token-embedding-type, --output-tensor-type when given"),
+        ("names a --tensor-type PATTERN is found in", "its type (the first PATTERN that matches)"),
         ("output.weight", output),
         ("token_embd.weight", f"{base}; as output.weight when embeddings are tied (no output.weight)"),
         ("attn_v, attn_qkv, attn_kv_b", rule(p.attn_v, "Q8_0")),
+        ("attn_v, attn_qkv, attn_kv_b in a 70B Llama", "Q3_K and Q4_K raised to Q5_K (not with 8 experts)"),
         ("attn_k", rule(None, "Q8_0")),
         ("attn_output", rule(p.attn_output, p.attn_output_8_experts or base)),
         ("ffn_down, ffn_down_exps, ffn_down_shexp", p.ffn_down.describe(base) if p.ffn_down else base),

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from quantkit.errors import QuantkitError
 from quantkit.jsonfile import read_json_object
+from quantkit.model.fp8 import Fp8Source, dequantize, open_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,7 +43,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 Shape = tuple[int, ...]
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SAMPLE = 64 * 1024  # bytes per fingerprint sample
 
 # The only top-level files copied next to a quantized output (fnmatch patterns): the tokenizer,
@@ -123,7 +123,13 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 class Checkpoint:
-    """A checkpoint directory: its config, its tensors (lazily) and its other files."""
+    """A checkpoint directory: its config, its tensors (lazily) and its other files.
+
+    An FP8 checkpoint (DeepSeek-V3's block-scaled layout, :mod:`quantkit.model.fp8`) is seen as the bf16
+    model it stands for: ``tensors`` lists its weights as bfloat16 and not their ``_scale_inv`` tensors,
+    ``get`` dequantizes each weight as it is read, and ``config`` is config.json without the fp8
+    ``quantization_config``, so nothing downstream sees FP8 or writes it out again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -132,7 +138,10 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         for file, names in _shard_map(path).items():
             self._read_header(file, names)
-        self._refuse_fp8()
+        self._stored_bytes = sum(t.nbytes for t in self.tensors.values())
+        self.fp8: Fp8Source | None = open_fp8(self.tensors, self.config, path)
+        if self.fp8 is not None:
+            self.config.pop("quantization_config")
         self._other_files = _travelling_files(path)
 
     @classmethod
@@ -151,12 +160,18 @@ class Checkpoint:
         return name in self.tensors
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its memory-mapped shard."""
+        """Read one tensor from its memory-mapped shard (an FP8 weight: dequantized to bfloat16)."""
         info = self.tensors[name]
+        if self.fp8 is not None and name in self.fp8.scales:
+            scale = self.fp8.scales[name]
+            return dequantize(self._read(name, info.file), self._read(scale.name, scale.file), self.fp8.block)
+        return self._read(name, info.file)
+
+    def _read(self, name: str, file: Path) -> torch.Tensor:
         try:
-            return self._handles[info.file].get_tensor(name)
+            return self._handles[file].get_tensor(name)
         except SafetensorError as exc:
-            raise QuantkitError(f"corrupt shard {info.file.name}: cannot read {name}: {exc}") from None
+            raise QuantkitError(f"corrupt shard {file.name}: cannot read {name}: {exc}") from None
 
     def fingerprint(self) -> str:
         """A sha256 naming this model: config, every tensor's name/dtype/shape, and sampled weight bytes.
@@ -180,7 +195,8 @@ class Checkpoint:
         return digest.hexdigest()
 
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        """The tensors' bytes as stored (an FP8 checkpoint: its FP8 weights and their scales)."""
+        return self._stored_bytes
 
     def other_files(self) -> list[Path]:
         """Top-level files that travel with the weights unchanged (see ``TRAVELLING_FILES``)."""
@@ -203,16 +219,6 @@ class Checkpoint:
             raise QuantkitError(
                 f"shard {file.name} lacks {len(missing)} tensor(s) its index lists, e.g. {missing[0]}"
             )
-
-    def _refuse_fp8(self) -> None:
-        """FP8 weights (e.g. DeepSeek-V3's, with ``<name>_scale_inv`` block scales) cannot be read yet."""
-        for info in self.tensors.values():
-            if info.dtype in _FP8_DTYPES:
-                layout = "FP8 with block scales, DeepSeek-V3's layout" if f"{info.name}_scale_inv" in self else "FP8"
-                raise QuantkitError(
-                    f"{info.name} in {info.file.name} is {str(info.dtype).removeprefix('torch.')} ({layout}): "
-                    "quantkit cannot read FP8 checkpoints yet; convert them to bf16 first"
-                )
 
 
 def _read_shard_header(model_dir: Path, file: Path, listed: bool) -> tuple[Any, dict[str, tuple[str, Shape]]]:

@@ -22,7 +22,9 @@ def check_finite(name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> Non
         if not bool(torch.isfinite(chunk).all()):
             value = "NaN" if bool(torch.isnan(chunk).any()) else "Inf"
             file = checkpoint.tensors[name].file.name if name in checkpoint.tensors else "the checkpoint"
-            raise QuantkitError(f"{name} in {file} contains {value} values; the checkpoint is damaged or was "
+            scale = checkpoint.fp8.scales.get(name) if checkpoint.fp8 is not None else None
+            read = f" (FP8 times {scale.name})" if scale is not None else ""
+            raise QuantkitError(f"{name}{read} in {file} contains {value} values; the checkpoint is damaged or was "
                                 "saved after a diverged update: fix or re-download it")
 
 

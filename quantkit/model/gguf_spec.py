@@ -18,13 +18,15 @@ class GgufKey:
 
     ``int`` keys need every source unless ``default`` stands in for a null or zero one; ``float`` keys are
     written only when their source is set, ``flag`` keys (True) only when it is true. ``head_dim`` is
-    ``hidden_size / num_attention_heads`` unless the config sets it.
+    ``hidden_size / num_attention_heads`` unless the config sets it. ``zero_means_none``: read back (GGUF
+    evaluation), a 0 is the config's null (``q_lora_rank``: a plain ``q_proj``).
     """
 
     key: str
     sources: tuple[str, ...]
     kind: Literal["int", "float", "flag"] = "int"
     default: int | None = None
+    zero_means_none: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,15 @@ import torch
 
 from quantkit.errors import QuantkitError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
 
 def load_tokenizer(*paths: Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer of the first directory that has one (its own code only with ``trust_remote_code``)."""
     import transformers  # deferred: transformers takes seconds to import
 
     for path in paths:
-        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if any((path / name).is_file() for name in TOKENIZER_FILES):
             transformers.logging.set_verbosity_error()
             try:
                 return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -32,7 +34,7 @@ def check_token_ids(ids: torch.Tensor, config: dict[str, Any], model: Path) -> N
     vocab_size = config.get("vocab_size")
     if ids.numel() and isinstance(vocab_size, int) and int(ids.max()) >= vocab_size:
         raise QuantkitError(
-            f"the tokenizer in {model} yields token id {int(ids.max())}, but config.json's vocab_size is "
+            f"the tokenizer in {model} yields token id {int(ids.max())}, but the model's vocab_size is "
             f"{vocab_size}: the tokenizer files do not belong to this model"
         )
 

@@ -13,6 +13,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.kquants import BLOCK_FORMATS, encode
+from quantkit.kquants.preset_overrides import TypeOverrides
 from quantkit.kquants.presets import KQUANT_PRESETS
 from quantkit.schemes.base import SCHEMES, BlockQuantized, Scheme
 from quantkit.schemes.config import SchemeConfig
@@ -24,6 +25,15 @@ class KquantConfig(SchemeConfig):
 
     ggml_type: str | None = None  # the ggml block type (Q4_K, ...); None: chosen by kquant_preset
     kquant_preset: str | None = None  # llama.cpp-style preset deciding each tensor's type (Q4_K_M, ...)
+    # llama-quantize's overrides of the preset (quantkit.kquants.preset_overrides): PATTERN=TYPE entries,
+    # space-separated (--tensor-type), and the types of output.weight and token_embd.weight
+    tensor_types: str | None = None
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+
+    def overrides(self) -> TypeOverrides:
+        """The preset's overrides, parsed."""
+        return TypeOverrides.parse(self.tensor_types, self.output_tensor_type, self.token_embedding_type)
 
     def describe(self) -> str:
         return f"kquant {self.ggml_type or self.kquant_preset}"
@@ -35,6 +45,10 @@ class KquantConfig(SchemeConfig):
             BLOCK_FORMATS.get(self.ggml_type)
         if self.kquant_preset is not None:
             KQUANT_PRESETS.get(self.kquant_preset)
+        overrides = self.overrides()
+        if overrides != TypeOverrides() and self.kquant_preset is None:
+            raise QuantkitError("--tensor-type, --output-tensor-type and --token-embedding-type override a "
+                                "k-quant preset's choice: give one (--preset Q4_K_M)")
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:

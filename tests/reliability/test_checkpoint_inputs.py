@@ -174,25 +174,81 @@ def test_only_known_files_travel_with_the_weights(tmp_path: Path) -> None:
     assert [p.name for p in Checkpoint(model).other_files()] == sorted(travelling)
 
 
-# --- 4. FP8 checkpoints are refused at open ------------------------------------------------------------
+# --- 4. FP8 layouts quantkit does not read are refused at open (tests/model/test_fp8_source.py: the one it reads) --
+
+FP8_CONFIG = {**MINIMAL_CONFIG, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                        "activation_scheme": "dynamic", "weight_block_size": [2, 2]}}
+W = "model.layers.0.mlp.gate_proj.weight"
 
 
-def test_fp8_checkpoint_is_refused_at_open(tmp_path: Path) -> None:
-    weight = "model.layers.0.mlp.gate_proj.weight"
-    tensors = {"model.embed_tokens.weight": A, weight: A.to(torch.float8_e4m3fn), f"{weight}_scale_inv": B[:1]}
-    model = write_model(tmp_path / "m", {"model.safetensors": tensors})
-    assert open_error(model) == (
-        f"{weight} in model.safetensors is float8_e4m3fn (FP8 with block scales, DeepSeek-V3's layout): "
-        "quantkit cannot read FP8 checkpoints yet; convert them to bf16 first"
-    )
+def fp8_variant(config_change: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict]:
+    config = json.loads(json.dumps(FP8_CONFIG))
+    config["quantization_config"].update(config_change)
+    return config, {"model.embed_tokens.weight": A, **tensors}
 
 
-def test_fp8_without_scales_is_refused_too(tmp_path: Path) -> None:
-    model = write_model(tmp_path / "m", {"model.safetensors": {"a": A.to(torch.float8_e5m2)}})
-    assert open_error(model) == (
-        "a in model.safetensors is float8_e5m2 (FP8): quantkit cannot read FP8 checkpoints yet; "
-        "convert them to bf16 first"
-    )
+FP8_REFUSALS = {  # name -> (quantization_config change, tensors, the one-line error)
+    "no quantization_config": (None, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2)},
+                               f"{W} in model.safetensors is float8_e4m3fn in a checkpoint whose config.json has no "
+                               "fp8 quantization_config: quantkit reads only DeepSeek-V3's block-scaled FP8"),
+    "compressed-tensors per-tensor": ({"quant_method": "compressed-tensors"},
+                                      {W: A.to(torch.float8_e4m3fn), W.replace("weight", "weight_scale"): B[:1]},
+                                      f"{W} in model.safetensors is float8_e4m3fn in a quant_method "
+                                      "'compressed-tensors' checkpoint"),
+    "per-tensor weight_scale": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale": B[:1]},
+                                f"{W} in model.safetensors is FP8 with a per-tensor scale {W}_scale, not block scales"),
+    "missing scale": ({}, {W: A.to(torch.float8_e4m3fn)},
+                      f"{W} in model.safetensors is FP8 but its block scales {W}_scale_inv are missing"),
+    "scale shape mismatch": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(2, 2)},
+                             f"{W}_scale_inv in model.safetensors has shape [2, 2]; [2, 4] in blocks of [2, 2] "
+                             "needs [1, 2]"),
+    "integer scales": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2, dtype=torch.int32)},
+                       f"{W}_scale_inv in model.safetensors is int32; FP8 block scales must be float32"),
+    "FP8 scales": ({}, {W: A.to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2).to(torch.float8_e4m3fn)},
+                   f"{W}_scale_inv in model.safetensors is float8_e4m3fn; FP8 block scales must be float32"),
+    "no block size": ({"weight_block_size": None}, {W: A.to(torch.float8_e4m3fn)},
+                      "an fp8 quantization_config without weight_block_size (per-tensor FP8 scales) is not read"),
+    "bad block size": ({"weight_block_size": [128, 0]}, {W: A.to(torch.float8_e4m3fn)},
+                       "weight_block_size must be two positive integers, got [128, 0]"),
+    "static activations": ({"activation_scheme": "static"}, {W: A.to(torch.float8_e4m3fn)},
+                           "fp8 activation_scheme 'static' is not read"),
+    "fmt disagrees": ({}, {W: A.to(torch.float8_e5m2), f"{W}_scale_inv": torch.ones(1, 2)},
+                      f"{W} in model.safetensors is float8_e5m2 but config.json's quantization_config says fmt 'e4m3'"),
+    "3-D FP8": ({}, {W: A[None].to(torch.float8_e4m3fn), f"{W}_scale_inv": torch.ones(1, 2)},
+                f"{W} in model.safetensors is a 3-D FP8 tensor [1, 2, 4]"),
+    "scale of a float weight": ({}, {W: A.clone(), f"{W}_scale_inv": torch.ones(1, 2)},
+                                f"{W}_scale_inv in model.safetensors scales {W}, which is float32, not FP8"),
+}
+
+
+@pytest.mark.parametrize("variant", list(FP8_REFUSALS))
+def test_unread_fp8_layouts_are_refused_at_open(variant: str, tmp_path: Path) -> None:
+    change, tensors, expected = FP8_REFUSALS[variant]
+    config, shard = fp8_variant(change or {}, tensors)
+    if change is None:
+        del config["quantization_config"]
+    message = open_error(write_model(tmp_path / "m", {"model.safetensors": shard}, config=config))
+    assert expected in message
+
+
+def test_a_bf16_conversion_whose_config_still_says_fp8_is_read_as_float(tmp_path: Path) -> None:
+    """fp8_cast_bf16.py leaves config.json as it was: no FP8 tensor and no scale left, so nothing to dequantize."""
+    config, shard = fp8_variant({}, {W: A.clone().to(torch.bfloat16)})
+    checkpoint = Checkpoint(write_model(tmp_path / "m", {"model.safetensors": shard}, config=config))
+    assert checkpoint.fp8 is not None and not checkpoint.fp8.scales and "quantization_config" not in checkpoint.config
+    assert torch.equal(checkpoint.get(W), A.to(torch.bfloat16))
+
+
+def test_e5m2_and_other_block_sizes_are_read(tmp_path: Path) -> None:
+    """fmt e5m2 with 1x3 blocks (a partial last column block): each weight is the FP8 value times its block's scale."""
+    scale = torch.tensor([[2.0, 0.5], [4.0, -1.0]])
+    config, shard = fp8_variant({"fmt": "e5m2", "weight_block_size": [1, 3]},
+                                {W: A.to(torch.float8_e5m2), f"{W}_scale_inv": scale})
+    checkpoint = Checkpoint(write_model(tmp_path / "m", {"model.safetensors": shard}, config=config))
+    expected = A * torch.tensor([[2.0, 2.0, 2.0, 0.5], [4.0, 4.0, 4.0, -1.0]])
+    assert set(checkpoint.tensors) == {"model.embed_tokens.weight", W}
+    assert checkpoint.tensors[W].dtype == torch.bfloat16 and "quantization_config" not in checkpoint.config
+    assert torch.equal(checkpoint.get(W), expected.to(torch.bfloat16))
 
 
 # --- 5. config.json's integer sizes ---------------------------------------------------------------------
@@ -309,7 +365,7 @@ def fp8_weights(model: Path) -> str:
     weights[f"{name}_scale_inv"] = torch.ones(1, 1)
     weights[name] = weights[name].to(torch.float8_e4m3fn)
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    return f"{name} in model.safetensors is float8_e4m3fn"
+    return f"{name} in model.safetensors is float8_e4m3fn in a checkpoint whose config.json has no fp8"
 
 
 def index_outside(model: Path) -> str:

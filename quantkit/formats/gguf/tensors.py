@@ -4,11 +4,12 @@ Every plan weight gets its llama.cpp name (:mod:`quantkit.model.gguf_names`); pe
 one projection become one 3-D tensor, expert first. Shapes are numpy's (rows last). Left out: RoPE
 caches, a tied ``lm_head`` (llama.cpp reuses ``token_embd``) and layers past the decoder (DeepSeek's
 multi-token prediction). Added: llama3 RoPE's ``rope_freqs`` and, where the architecture needs it, an
-``output.weight`` made of the tied embedding.
+``output.weight`` made of the tied embedding (in the type a k-quant preset gave it, ``plan.tied_output``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from quantkit.errors import QuantkitError
@@ -51,7 +52,10 @@ def gguf_tensors(plan: QuantPlan, export: GgufExport, hparams: dict[str, Any],
         tensors.append(FileTensor(ROPE_FREQS, (), (rope_freqs,)))
     if export.output_when_tied and tied:
         embedding = {t.name: t for t in tensors}["token_embd.weight"]
-        tensors.append(FileTensor("output.weight", embedding.items, embedding.shape))
+        items = embedding.items
+        if plan.tied_output:  # a preset placed it as llama.cpp sees it: an untied output with its own type
+            items = tuple(replace(item, scheme=plan.tied_output[0]) for item in items)
+        tensors.append(FileTensor("output.weight", items, embedding.shape))
     return tensors
 
 

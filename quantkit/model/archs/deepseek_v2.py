@@ -15,7 +15,7 @@ DEEPSEEK2_EXPORT = GgufExport(
     head_count_kv="num_attention_heads",
     keys=(
         GgufKey("leading_dense_block_count", ("first_k_dense_replace",), default=0),
-        GgufKey("q_lora_rank", ("q_lora_rank",), default=0),  # 0: a plain attn_q
+        GgufKey("q_lora_rank", ("q_lora_rank",), default=0, zero_means_none=True),  # 0: a plain attn_q
         GgufKey("kv_lora_rank", ("kv_lora_rank",)),
         GgufKey("key_length", ("qk_nope_head_dim", "qk_rope_head_dim")),
         GgufKey("value_length", ("v_head_dim",)),
