@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantkit.model.archs import get_arch  # noqa: E402
 from tests.memory_probe import measure  # noqa: E402
 from tests.synthetic_checkpoint import build  # noqa: E402
 
@@ -54,7 +55,8 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         config = json.loads((model / "config.json").read_text())
         result = {"checkpoint_bytes": size, "layers": config["num_hidden_layers"],
-                  "experts": config["num_experts"], "hidden": config["hidden_size"], "runs": runs}
+                  "experts": get_arch(config["model_type"]).num_experts(config), "hidden": config["hidden_size"],
+                  "runs": runs}
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
