@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from quantkit import heap
 from quantkit.calib.artifact import Calibration, check_model, load_calibration
 from quantkit.calib.run import CalibrationSettings, calibrate, settings_of, windows_for
 from quantkit.errors import QuantkitError
@@ -175,6 +176,7 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
                 record.type_rule, record.importance_tokens = plan.type_rules.get(item.name), tokens
                 finish(item, weight, record)
             del tensor, views
+            heap.trim()
         writer.finish()
         config = dict(checkpoint.config)
         fmt.finish(tmp, config, written)
@@ -204,6 +206,7 @@ def _write_file(fmt: FileFormat, plan: QuantPlan, calib: Calibration | None, out
             result = layout.store(tensor, data, quantize)
             report.tensors.append(_file_record(tensor, data, result, plan, tokens))
             yield result
+            heap.trim()
 
     with atomic_file(out, options.overwrite, is_previous=fmt.is_previous, reads=reads, notes=report.notes) as tmp:
         layout.write(tmp, stored())

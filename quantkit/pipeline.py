@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit import heap
 from quantkit.errors import QuantkitError
 from quantkit.model.archs import get_arch
 from quantkit.model.checkpoint import Checkpoint
@@ -97,8 +98,9 @@ class LayerPipeline:
 
     @staticmethod
     def release(module: nn.Module) -> None:
-        """Return a loaded module's memory (its parameters go back to the meta device)."""
+        """Return a loaded module's memory (its parameters go back to the meta device) to the system."""
         module.to("meta")
+        heap.trim()
 
     def capture(self, input_ids: torch.Tensor, batch_size: int) -> LayerStates:
         """Inputs of the first decoder layer for windows ``input_ids`` [N, T], batch by batch."""

@@ -1,7 +1,10 @@
 """Sharded safetensors output with the Hugging Face index layout.
 
 The writer fills the temporary directory of :func:`quantkit.outputs.atomic_directory`, which renames it
-into place only when everything succeeded.
+into place only when everything succeeded. Tensors are not held in memory until their shard is full:
+each one is appended to a spill file as it arrives, and a full shard is written from that file mapped
+into memory (page cache, which the kernel can drop), so the output never costs more than one tensor of
+anonymous memory however large ``max_shard_bytes`` is. The shard's bytes are ``safetensors``' own.
 """
 
 from __future__ import annotations
@@ -9,20 +12,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from quantkit.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from quantkit.outputs import save_safetensors
 
+_ALIGN = 16  # spill offsets are aligned so that every dtype can view its bytes in place
+
 
 class ShardedWriter:
-    """Buffers tensors and writes a new shard whenever ``max_shard_bytes`` would be exceeded."""
+    """Collects tensors into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
 
     def __init__(self, directory: Path, max_shard_bytes: int) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._spill: BinaryIO | None = None
+        self._entries: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}  # name -> spill offset, dtype, shape
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
         self._names: set[str] = set()
@@ -33,18 +40,39 @@ class ShardedWriter:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._buffer[name] = tensor.contiguous()
+        if self._spill is None:
+            self._spill = open(self._spill_path(), "wb")  # noqa: SIM115 - closed by _flush
+        offset = -self._spill.tell() % _ALIGN
+        if offset:
+            self._spill.write(bytes(offset))
+        data = tensor.detach().to("cpu").contiguous()
+        self._entries[name] = (self._spill.tell(), data.dtype, tuple(data.shape))
+        if nbytes:
+            self._spill.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if self._spill is None:
             return
-        save_safetensors(self._buffer, self._shard_path(len(self._shards)), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._spill.close()
+        spill = self._spill_path()
+        size = spill.stat().st_size
+        raw = torch.from_file(str(spill), shared=False, size=size, dtype=torch.uint8) if size else torch.empty(0)
+        tensors = {}
+        for name, (offset, dtype, shape) in self._entries.items():
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            tensors[name] = raw[offset:offset + nbytes].view(dtype).reshape(shape)
+        save_safetensors(tensors, self._shard_path(len(self._shards)), metadata={"format": "pt"})
+        del tensors, raw
+        spill.unlink()
+        self._shards.append(list(self._entries))
+        self._spill, self._entries, self._buffer_bytes = None, {}, 0
+
+    def _spill_path(self) -> Path:
+        return self.directory / f".shard-{len(self._shards):05d}.spill"
 
     def _shard_path(self, i: int) -> Path:
         return self.directory / f".shard-{i:05d}.safetensors"
