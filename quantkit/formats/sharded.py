@@ -50,7 +50,7 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous()
         self._entries[name] = (self._spill.tell(), data.dtype, tuple(data.shape))
         if nbytes:
-            self._spill.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self._spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
 
