@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -28,7 +27,6 @@ class ShardedWriter:
     def __init__(self, directory: Path, max_shard_bytes: int) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._spill: BinaryIO | None = None
         self._entries: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}  # name -> spill offset, dtype, shape
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
@@ -42,34 +40,34 @@ class ShardedWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._entries and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        if self._spill is None:
-            self._spill = open(self._spill_path(), "wb")  # noqa: SIM115 - closed by _flush
-        offset = -self._spill.tell() % _ALIGN
-        if offset:
-            self._spill.write(bytes(offset))
         data = tensor.detach().to("cpu").contiguous()
-        self._entries[name] = (self._spill.tell(), data.dtype, tuple(data.shape))
-        if nbytes:
-            self._spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        with open(self._spill_path(), "ab") as spill:  # not kept open: a failed run must leave no open file
+            padding = -spill.tell() % _ALIGN
+            spill.write(bytes(padding))
+            self._entries[name] = (spill.tell(), data.dtype, tuple(data.shape))
+            if nbytes:
+                spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        if self._spill is None:
+        if not self._entries:
             return
-        self._spill.close()
         spill = self._spill_path()
         size = spill.stat().st_size
         raw = torch.from_file(str(spill), shared=False, size=size, dtype=torch.uint8) if size else torch.empty(0)
-        tensors = {}
-        for name, (offset, dtype, shape) in self._entries.items():
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            tensors[name] = raw[offset:offset + nbytes].view(dtype).reshape(shape)
-        save_safetensors(tensors, self._shard_path(len(self._shards)), metadata={"format": "pt"})
-        del tensors, raw
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            for name, (offset, dtype, shape) in self._entries.items():
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                tensors[name] = raw[offset:offset + nbytes].view(dtype).reshape(shape)
+            save_safetensors(tensors, self._shard_path(len(self._shards)), metadata={"format": "pt"})
+        finally:  # unmap the spill file even when the write fails (a full disk must leave nothing in use)
+            tensors.clear()
+            del raw
         spill.unlink()
         self._shards.append(list(self._entries))
-        self._spill, self._entries, self._buffer_bytes = None, {}, 0
+        self._entries, self._buffer_bytes = {}, 0
 
     def _spill_path(self) -> Path:
         return self.directory / f".shard-{len(self._shards):05d}.spill"
