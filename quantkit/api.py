@@ -100,6 +100,7 @@ def quantize(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         command=options.command or [],
         seed=options.seed,
         output=str(out),
+        clients=[note.to_dict() for note in fmt.clients(plan)],
     )
     if calib is not None:
         report.calibration = {key: calib.metadata.get(key) for key in

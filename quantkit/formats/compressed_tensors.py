@@ -53,6 +53,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.clients import (
+    COMPRESSED_TENSORS,
+    QUANTKIT_LOADER,
+    TRANSFORMERS,
+    VLLM_CPU,
+    VLLM_WNA16_OUT_MULTIPLE,
+    ClientNote,
+    IntegerFacts,
+)
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_kquants
 from quantkit.formats.packing import pack_int32, unpack_int32
 from quantkit.schemes.base import IntQuantized, Quantized, dequantize_codes
@@ -307,6 +316,53 @@ def args_for(module: str, groups: list[tuple[list[str], dict[str, Any]]], kind: 
     raise QuantkitError(f"no quantization_config group targets {module}")
 
 
+def clients(plan: QuantPlan) -> list[ClientNote]:
+    """The engines that load this plan's compressed-tensors output, with the limits measured for them."""
+    facts = IntegerFacts.of(plan)
+    act_order = any(isinstance(t.scheme, IntConfig) and group_actorder(t.scheme) for t in facts.items)
+    return [ClientNote(QUANTKIT_LOADER, True),
+            ClientNote(COMPRESSED_TENSORS, False, "refuses actorder group (g_idx)") if act_order
+            else ClientNote(COMPRESSED_TENSORS, True, "decodes to exactly quantkit's weights"),
+            _transformers(facts, act_order), _vllm(facts, act_order)]
+
+
+def _transformers(facts: IntegerFacts, act_order: bool) -> ClientNote:
+    if facts.asymmetric():
+        return ClientNote(TRANSFORMERS, False, "zero points: its integration drops them for fused experts and "
+                                               "allocates them unpacked for dense linears")
+    if facts.routed(facts.w8a8):
+        return ClientNote(TRANSFORMERS, False, "W8A8 routed experts: it decompresses only packed or FP8 experts")
+    if act_order:
+        return ClientNote(TRANSFORMERS, False, "refuses actorder group (g_idx)")
+    if facts.partial_groups():
+        return ClientNote(TRANSFORMERS, False, "partial last group: compressed-tensors' forward pass raises")
+    return ClientNote(TRANSFORMERS, True)
+
+
+def _vllm(facts: IntegerFacts, act_order: bool) -> ClientNote:
+    w8a8, weight_only = facts.w8a8, facts.weight_only
+    if facts.routed(w8a8):
+        return ClientNote(VLLM_CPU, False, "W8A8 routed experts: no Int8 MoE backend without AMX")
+    if facts.routed(weight_only):
+        return ClientNote(VLLM_CPU, False, "quantized routed experts: no WNA16 MoE backend without AMX")
+    if facts.grouped(w8a8) or facts.asymmetric(w8a8):
+        return ClientNote(VLLM_CPU, False, "W8A8 with group scales or zero points: no vLLM scheme")
+    uneven = facts.outputs_not_multiple(weight_only, VLLM_WNA16_OUT_MULTIPLE)
+    if uneven:
+        return ClientNote(VLLM_CPU, False, f"WNA16 needs output sizes divisible by {VLLM_WNA16_OUT_MULTIPLE}: "
+                                           f"{uneven[0]} is not")
+    untried = [reason for reason, present in (
+        ("zero points", facts.asymmetric(weight_only)), ("partial groups", facts.partial_groups()),
+        ("act-order g_idx", act_order), ("static INT8 inputs", facts.static_activations()),
+        ("weight-only bits other than 4", facts.bits(weight_only) - {4}),
+        ("W8A8 weight bits other than 8", facts.bits(w8a8) - {8})) if present]
+    if untried:
+        return ClientNote(VLLM_CPU, None, f"not run: {', '.join(untried)}")
+    if weight_only:
+        return ClientNote(VLLM_CPU, True, "weight-only (WNA16) runs in bfloat16 only")
+    return ClientNote(VLLM_CPU, True, "INT8 kernels (dynamic per-token inputs)" if w8a8 else None)
+
+
 class CompressedTensorsFormat(DirectoryFormat):
     """compressed-tensors ``pack-quantized`` / ``int-quantized``, which plain transformers and vLLM load."""
 
@@ -327,6 +383,9 @@ class CompressedTensorsFormat(DirectoryFormat):
     def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
         if written.integer:
             config["quantization_config"] = quantization_config(written.integer, written.float_linears)
+
+    def clients(self, plan: QuantPlan) -> list[ClientNote]:
+        return clients(plan)
 
 
 OUTPUT_FORMATS.add(CompressedTensorsFormat.name, CompressedTensorsFormat())

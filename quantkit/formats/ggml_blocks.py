@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.clients import LLAMA_CPP, QUANTKIT_LOADER, ClientNote
 from quantkit.formats.output import OUTPUT_FORMATS, DirectoryFormat, WrittenWeights, refuse_integer_schemes
 from quantkit.kquants import BLOCK_FORMATS, decode
 from quantkit.schemes.base import BlockQuantized, Quantized
@@ -83,6 +84,11 @@ class GgmlBlocksFormat(DirectoryFormat):
     def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
         if written.blocks:
             config["quantization_config"] = quantization_config(written.blocks)
+
+    def clients(self, plan: QuantPlan) -> list[ClientNote]:
+        """quantkit's own layout: only quantkit reads it; llama.cpp reads the same blocks from ``--format gguf``."""
+        return [ClientNote(QUANTKIT_LOADER, True),
+                ClientNote(LLAMA_CPP, False, "quantkit's own layout: use --format gguf")]
 
 
 OUTPUT_FORMATS.add(GgmlBlocksFormat.name, GgmlBlocksFormat())

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.clients import GPTQMODEL, QUANTKIT_LOADER, TRANSFORMERS, VLLM_CPU, ClientNote, IntegerFacts
 from quantkit.formats.compressed_tensors import (
     compact_targets,
     contiguous_g_idx,
@@ -278,6 +279,14 @@ class GptqV1Format(DirectoryFormat):
         config["quantization_config"] = quantization_config(written.integer, written.float_linears)
         side_file = json.dumps(quantize_config_json(config["quantization_config"]), indent=2) + "\n"
         (directory / QUANTIZE_CONFIG_FILE).write_text(side_file)
+
+    def clients(self, plan: QuantPlan) -> list[ClientNote]:
+        """GPTQModel loads symmetric v1 only (asymmetric v1 only from its own quantizer); transformers needs optimum."""
+        gptqmodel = (ClientNote(GPTQMODEL, False, "refuses asymmetric v1 not written by its own quantizer (>= 0.9.0)")
+                     if IntegerFacts.of(plan).asymmetric() else ClientNote(GPTQMODEL, True, "logits equal quantkit's"))
+        return [ClientNote(QUANTKIT_LOADER, True), gptqmodel,
+                ClientNote(TRANSFORMERS, None, "needs optimum and GPTQModel; not run"),
+                ClientNote(VLLM_CPU, None, "not run")]
 
 
 OUTPUT_FORMATS.add(GptqV1Format.name, GptqV1Format())

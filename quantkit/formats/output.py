@@ -26,6 +26,7 @@ from quantkit.registry import Registry
 from quantkit.schemes import CastTensor, IntConfig, KquantConfig, Quantized
 
 if TYPE_CHECKING:
+    from quantkit.formats.clients import ClientNote
     from quantkit.plan import QuantPlan, TensorPlan
 
 AUTO = "auto"
@@ -58,6 +59,10 @@ class OutputFormat(ABC):
     @abstractmethod
     def check(self, plan: QuantPlan) -> None:
         """A one-line :class:`QuantkitError` if the plan holds a weight this format cannot store."""
+
+    def clients(self, plan: QuantPlan) -> list[ClientNote]:
+        """The engines that load this format's output of ``plan`` and the known limits that apply (none known)."""
+        return []
 
 
 class DirectoryFormat(OutputFormat):

@@ -62,6 +62,7 @@ class QuantReport:
     calibration: dict[str, Any] | None = None  # the calibration used: path, dataset, tokens, flagged experts
     gptq: dict[str, Any] | None = None  # GPTQ's calibration windows and MoE options
     gptq_layers: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer: seconds, weights
+    clients: list[dict[str, Any]] = field(default_factory=list)  # per engine: engine, loads, why (from the format)
 
     @property
     def bytes_before(self) -> int:
@@ -100,6 +101,7 @@ class QuantReport:
             },
             "by_role": self.by_role(),
             "notes": self.notes,
+            "clients": self.clients,
             "calibration": self.calibration,
             "gptq": self.gptq,
             "gptq_layers": self.gptq_layers,
@@ -149,8 +151,21 @@ class QuantReport:
             f"{self.bits_per_weight(quantized_only=True):.3f} on quantized tensors; "
             f"{self.wall_time_s:.1f} s"
         )
+        if self.clients:
+            console.print(f"clients: {client_summary(self.clients)}")
         for note in self.notes:
             console.print(f"note: {note}")
+
+
+def client_summary(clients: list[dict[str, Any]]) -> str:
+    """One line: the engines that load the output, those that do not, those not run."""
+    verdicts = {True: "loads", False: "fails", None: "not run"}
+    parts = []
+    for verdict, label in verdicts.items():
+        engines = [c["engine"] for c in clients if c["loads"] is verdict]
+        if engines:
+            parts.append(f"{label}: {', '.join(engines)}")
+    return "; ".join(parts) + " (see clients in the report)"
 
 
 def _numel(shape: list[int]) -> int:

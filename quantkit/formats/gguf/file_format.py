@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantkit.formats.clients import LLAMA_CPP, QUANTKIT_LOADER, ClientNote
 from quantkit.formats.gguf.layout import GgufLayout
 from quantkit.formats.gguf.ternary import check_ternary, has_ternary
 from quantkit.formats.output import OUTPUT_FORMATS, FileFormat, refuse_integer_schemes
@@ -22,6 +23,12 @@ class GgufFormat(FileFormat):
             check_ternary(plan, self.name)
         else:
             refuse_integer_schemes(plan, self.name)
+
+    def clients(self, plan: QuantPlan) -> list[ClientNote]:
+        """llama.cpp runs quantkit's GGUF files; DeepSeek-V2's grouped routing is its known difference."""
+        grouped_routing = plan.checkpoint.config.get("topk_method") == "group_limited_greedy"
+        why = "routes group_limited_greedy differently (sum of the top two per group)" if grouped_routing else None
+        return [ClientNote(QUANTKIT_LOADER, True), ClientNote(LLAMA_CPP, True, why)]
 
     def layout(self, plan: QuantPlan) -> GgufLayout:
         return GgufLayout(plan)
