@@ -55,7 +55,7 @@ class IntegerFacts:
 
     @property
     def weight_only(self) -> tuple[TensorPlan, ...]:
-        return tuple(t for t in self.items if t not in self.w8a8)
+        return tuple(t for t in self.items if isinstance(t.scheme, IntConfig) and t.scheme.activations == "none")
 
     def asymmetric(self, items: tuple[TensorPlan, ...] | None = None) -> bool:
         return any(s.writes_zero_points for s in self._schemes(items))
