@@ -13,10 +13,11 @@ Routed experts: one Hessian per expert from the tokens routed to it (every token
 ``all_experts``); gate and up share it (one solve of the fused ``[E, 2I, H]`` weight, rows are
 independent in GPTQ). An expert with fewer than ``min_expert_tokens`` tokens gets the blended
 Hessian ``(n H_e + (K - n) H_mean) / K`` (``n`` its tokens, ``K`` the threshold, ``H_mean`` the
-token-weighted mean of the layer's experts, of the chunk's experts when ``max_memory`` splits them):
-the missing tokens are stood in for by the layer's typical input. With no token at all in any
-expert, H is the identity: round-to-nearest. ``max_memory`` splits a layer's experts into chunks
-(:func:`experts_per_chunk`), each with its own Hessian pass and batched solve.
+token-weighted mean of all the layer's experts, ``2/N sum x x^T`` over every (token, expert) input of
+the site, accumulated in the first chunk's pass): the missing tokens are stood in for by the layer's
+typical input. With no token at all in any expert, H is the identity: round-to-nearest.
+``max_memory`` splits a layer's experts into chunks (:func:`experts_per_chunk`), each with its own
+Hessian pass and batched solve; the result does not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit import heap
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
 from quantkit.gptq.hessian import HessianAccumulator
@@ -73,7 +75,8 @@ def gptq_layers(
 ) -> Iterator[LayerResult]:
     """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
 
-    ``max_memory`` (bytes) bounds the experts solved at once (:func:`experts_per_chunk`); ``on_step``
+    ``max_memory`` (bytes; None: from the available memory) bounds the experts solved at once
+    (:func:`experts_per_chunk`); ``on_step``
     hears what is being solved (a site, or a chunk of experts), for progress display.
     """
     solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory, on_step)
@@ -104,15 +107,23 @@ BYTES_PER_HESSIAN_ELEMENT = 4 * 4  # float32 H, plus its damped copy, Cholesky f
 BYTES_PER_WEIGHT_ELEMENT = 4 * 4  # float32 W, its working copy, Q and the error block
 
 
+AUTO_BUDGET_FRACTION = 0.5  # of the memory available when a site's experts are solved
+
+
 def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
     """Experts GPTQ solves at once: ``max_memory // (16 * columns^2 + 16 * rows * columns)`` (at least 1).
 
     Per expert: float32 Hessian ``[columns, columns]`` with its dampened copy, Cholesky factor and
     inverse (16 bytes per element), and the float32 weight ``[rows, columns]`` with its working copy,
-    dequantized result and error block (16 bytes per element). No budget: all experts at once.
+    dequantized result and error block (16 bytes per element). No budget (None): half the memory
+    available now (:func:`quantkit.heap.available`), or all experts at once where that is unknown.
+    The output does not depend on the chunking.
     """
     if max_memory is None:
-        return 1 << 30
+        available = heap.available()
+        if available is None:
+            return 1 << 30
+        max_memory = int(available * AUTO_BUDGET_FRACTION)
     per_expert = BYTES_PER_HESSIAN_ELEMENT * columns * columns + BYTES_PER_WEIGHT_ELEMENT * rows * columns
     return max(1, max_memory // per_expert)
 
@@ -167,7 +178,7 @@ class _Solver:
         if not linears:
             return []
         self.on_step(site)
-        return self.solve_linears(linears, self._hessian(layer, prefix, site, states))
+        return self.solve_linears(linears, self._hessian(layer, prefix, site, states)[0])
 
     def solve_linears(self, linears: list[tuple[str, Any]], hessian: HessianAccumulator) -> list[GptqWeight]:
         """One GPTQ solve per linear, all with the Hessian of their shared input."""
@@ -175,8 +186,8 @@ class _Solver:
         for name, module in linears:
             disk = self.arch.disk_name(f"{name}.weight")
             scheme = self.schemes[disk]
-            original = module.weight.detach().clone()
-            result = self._gptq(original, hessian.hessian, scheme, disk)
+            original = module.weight.detach().to(self._disk_dtype(disk), copy=True)  # exact: read from it
+            result = self._gptq(original.float(), hessian.hessian, scheme, disk)
             module.weight.data.copy_(result.dequantized.to(module.weight.dtype))
             out.append(_record(disk, original, result, scheme, hessian.tokens[0], None))
         return out
@@ -202,13 +213,15 @@ class _Solver:
         per_name = len(names) // experts  # 2 (gate, up) or 1 (down)
         rows = rows_total // per_name
         out = []
+        pooled: HessianAccumulator | None = None  # every expert's inputs: the mean a starved expert leans on
         for first in range(0, experts, chunk):
             chosen = range(first, min(first + chunk, experts))
             self.on_step(f"{site} experts {first}-{chosen.stop - 1} of {experts}")
-            hessian = self._hessian(layer, prefix, site, states, chosen)
-            H, notes = self._starved_fallback(hessian.hessian, hessian.tokens)
-            original = fused[first : chosen.stop].detach().clone()
-            result = self._gptq(original, H, scheme, names[first * per_name])
+            hessian, pooled = self._hessian(layer, prefix, site, states, chosen, pooled)
+            H, notes = self._starved_fallback(hessian.hessian, hessian.tokens, pooled)
+            # kept for the report's error and the writer, in the checkpoint's dtype (exact: read from it)
+            original = fused[first : chosen.stop].detach().to(self._disk_dtype(names[first * per_name]), copy=True)
+            result = self._gptq(original.float(), H, scheme, names[first * per_name])
             fused.data[first : chosen.stop] = result.dequantized.to(fused.dtype)
             for i, part in enumerate(result.experts()):
                 e = first + i
@@ -218,20 +231,20 @@ class _Solver:
                                        hessian.tokens[i], notes.get(i)))
         return out
 
-    def _starved_fallback(self, H: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, dict[int, str]]:
-        """Blend the Hessians of experts below ``min_expert_tokens`` with the layer's mean expert Hessian."""
-        total = sum(tokens)
+    def _starved_fallback(self, H: torch.Tensor, tokens: list[int],
+                          pooled: HessianAccumulator | None) -> tuple[torch.Tensor, dict[int, str]]:
+        """Blend the Hessians of experts below ``min_expert_tokens`` with the layer's mean expert Hessian
+        (``pooled``: every expert's inputs of the site)."""
         k = self.min_expert_tokens
         starved = [e for e, n in enumerate(tokens) if n < k]
         if not starved:
             return H, {}
         notes: dict[int, str] = {}
-        if total == 0:
+        if pooled is None or pooled.tokens[0] == 0:
             eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
             return eye.expand_as(H).clone(), {e: "no calibration token reached any expert: round-to-nearest"
                                               for e in range(len(tokens))}
-        weights = torch.tensor(tokens, dtype=H.dtype, device=H.device)
-        mean = (H * weights[:, None, None]).sum(0) / total
+        mean = pooled.hessian
         H = H.clone()
         for e in starved:
             n = tokens[e]
@@ -240,18 +253,27 @@ class _Solver:
         return H, notes
 
     def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates,
-                 experts: range | None = None) -> HessianAccumulator:
+                 experts: range | None = None, pooled: HessianAccumulator | None = None,
+                 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
         """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights);
-        for an experts site, of the experts in ``experts`` only (indexed from its start)."""
+        for an experts site, of the experts in ``experts`` only (indexed from its start), and the pooled
+        Hessian of every expert's inputs (accumulated in this pass unless ``pooled`` is given; None when
+        no expert can be starved)."""
         accumulators: dict[str, HessianAccumulator] = {}
+        can_starve = states.tokens < self.min_expert_tokens if self.all_experts else self.min_expert_tokens > 0
+        pool = pooled is None and experts is not None and can_starve
 
         def add(name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
-            if experts is not None and expert not in experts:
-                return
-            if name not in accumulators:
+            if pool and name == site:
+                if "pooled" not in accumulators:
+                    accumulators["pooled"] = HessianAccumulator(x.shape[-1], device=x.device)
+                accumulators["pooled"].add(x.float())
+            if name not in accumulators:  # before the chunk filter: a chunk of starved experts gets zeros
                 count = len(experts) if experts is not None else num_experts
                 accumulators[name] = HessianAccumulator(x.shape[-1], count if num_experts > 1 else None,
                                                         device=x.device)
+            if experts is not None and expert not in experts:
+                return
             index = expert - experts.start if experts is not None else expert
             accumulators[name].add(x.float(), index if num_experts > 1 else None)
 
@@ -260,7 +282,7 @@ class _Solver:
             self.pipeline.run_layer(layer, states, on_batch=taps.next_batch)
         if site not in accumulators:
             raise QuantkitError(f"{site} received no calibration input")
-        return accumulators[site]
+        return accumulators[site], accumulators.get("pooled", pooled)
 
     def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: GptqConfig, name: str) -> GptqResult:
         """GPTQ with ``scheme``'s options; scales rounded to the on-disk dtype of ``name``."""

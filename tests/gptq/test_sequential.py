@@ -137,6 +137,22 @@ def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_starved_experts_do_not_depend_on_the_chunking(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
+    """A starved expert leans on the mean Hessian of *all* the layer's experts, however ``max_memory`` splits
+    them, so a budget chosen from the machine's memory cannot change the output."""
+    path, starved = starved_deepseek(tiny_lm, tmp_path)
+    data = CalibrationSettings(dataset=str(test_text), num_samples=4, seq_len=32, min_expert_tokens=40)
+    recipe = get_preset("int8").with_default(**GPTQ4)
+    whole = quantize(path, recipe, tmp_path / "whole", options=QuantizeOptions(data=data, show_progress=False))
+    chunked = quantize(path, recipe, tmp_path / "chunked",
+                       options=QuantizeOptions(data=data, max_memory=1, show_progress=False))
+    fallbacks = [t.name for t in whole.tensors if t.gptq and t.gptq["fallback"]]
+    assert f"model.layers.1.mlp.experts.{starved}.down_proj.weight" in fallbacks and len(fallbacks) > 3
+    assert [t.gptq for t in whole.tensors] == [t.gptq for t in chunked.tensors]
+    a, b = load_quantized(tmp_path / "whole").state_dict(), load_quantized(tmp_path / "chunked").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--format", "gguf9"], "--format must be auto or one of compressed-tensors, ggml, gguf, gptq-v1"),
     (["--max-memory", "lots"], "invalid size"),
