@@ -5,7 +5,7 @@ is built under --workdir unless --model names one already built. Each method run
 peak total, anonymous and file-backed RSS are sampled from /proc (tests/memory_probe.py).
 Writes benchmarks/results/memory_scaling.json (quoted in docs/scaling.md).
 
-    python benchmarks/memory_scaling.py --layers 2 [--experts 128] [--methods absmax kquant-Q4_K]
+    python benchmarks/memory_scaling.py --layers 2 [--experts 128] [--methods absmax preset-Q4_K_M gptq calibrate]
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from tests.memory_probe import measure  # noqa: E402
 from tests.synthetic_checkpoint import build  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "memory_scaling.json"
-METHODS = {
-    "absmax": ["--method", "absmax", "--bits", "4", "--group-size", "128"],
-    "kquant-Q4_K": ["--method", "kquant", "--type", "Q4_K"],
-    "gptq": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--num-samples", "16", "--seq-len", "256"],
+METHODS = {  # the command and its options, by run name
+    "absmax": ["quantize", "--method", "absmax", "--bits", "4", "--group-size", "128"],
+    "kquant-Q4_K": ["quantize", "--method", "kquant", "--type", "Q4_K"],
+    "preset-Q4_K_M": ["quantize", "--preset", "Q4_K_M"],
+    "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128", "--num-samples", "16",
+             "--seq-len", "256"],
+    "calibrate": ["calibrate", "--num-samples", "16", "--seq-len", "256"],
 }
 
 
@@ -40,24 +43,29 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["absmax"])
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temporary directory)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the results")
+    parser.add_argument("--extra", nargs="*", default=[], help="options added to every command, e.g. --max-memory=2GB")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
         model = args.model or build(work / "model", "qwen3-30b-a3b", args.layers, args.experts, args.vocab)
         size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-        runs = {}
-        for method in args.methods:
-            out = work / f"out-{method}"
-            command = [sys.executable, "-c", "from quantkit.cli import app; app()", "quantize", str(model),
-                       *METHODS[method], "--out", str(out)]
-            runs[method] = measure(command, stdout=sys.stderr)
-            print(method, runs[method], file=sys.stderr)
-            shutil.rmtree(out, ignore_errors=True)
         config = json.loads((model / "config.json").read_text())
         result = {"checkpoint_bytes": size, "layers": config["num_hidden_layers"],
                   "experts": get_arch(config["model_type"]).num_experts(config), "hidden": config["hidden_size"],
-                  "runs": runs}
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+                  "runs": {}}
+        for method in args.methods:
+            out = work / f"out-{method}"
+            subcommand, *options = METHODS[method]
+            command = [sys.executable, "-c", "from quantkit.cli import app; app()", subcommand, str(model),
+                       *options, *args.extra, "--out", str(out)]
+            run = measure(command, stdout=sys.stderr)
+            run["command"] = " ".join(["quantkit", subcommand, "MODEL", *options, *args.extra])
+            run["output_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            result["runs"][method] = run
+            print(method, run, file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+            args.results.write_text(json.dumps(result, indent=2) + "\n")  # after each run: a long job may be cut
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
