@@ -67,7 +67,7 @@ class QuantizeOptions:
     (``quantkit.formats.output.OUTPUT_FORMATS``): ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ
     only), ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks
     ``ggml`` for k-quants, else ``compressed-tensors``. ``max_memory`` (bytes) bounds how many experts GPTQ
-    solves at once.
+    solves at once; None: half the memory available when a layer's experts are solved.
     """
 
     overwrite: bool = False  # replace ``out`` if it is a previous quantkit output (never anything else)
