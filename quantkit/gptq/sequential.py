@@ -2,12 +2,18 @@
 
 For each layer (:class:`~quantkit.pipeline.LayerPipeline`)::
 
-    order = the layer's input sites in execution order      (one batch, taps only)
-    for site in order:                                      (q/k/v... -> o_proj -> gate/up -> down)
-        H = Hessian of the site's inputs over every batch   (earlier sites already quantized)
-        solve GPTQ for every weight fed by the site         (experts: one batched solve)
+    sites  = the layer's input sites in execution order     (one batch, taps only)
+    stages = the sites grouped so that no site of a stage depends on another's weights
+             (:mod:`quantkit.gptq.stages`: probed on the first batch, once per kind of layer)
+    for stage in stages:                                    ({q_a}, {q_b, kv_b}, {o}, {gate/up, shared gate/up}, ...)
+        H = Hessians of the stage's inputs over every batch  (one pass; earlier stages already quantized)
+        solve GPTQ for every weight fed by each site        (experts: one batched solve)
         write the dequantized Q back into the layer
     inputs of layer i+1 = layer i's outputs with every weight quantized
+
+Each site's Hessian is the one a pass per site in execution order would give, bit for bit. Without
+``true_sequential`` all sites form one stage: one pass over the layer's float weights, and the
+dequantized weights are written back only when every site of the layer is solved.
 
 Routed experts: one Hessian per expert from the tokens routed to it (every token with
 ``all_experts``); gate and up share it (one solve of the fused ``[E, 2I, H]`` weight, rows are
@@ -16,14 +22,16 @@ Hessian ``(n H_e + (K - n) H_mean) / K`` (``n`` its tokens, ``K`` the threshold,
 token-weighted mean of the layer's experts, of the chunk's experts when ``max_memory`` splits them):
 the missing tokens are stood in for by the layer's typical input. With no token at all in any
 expert, H is the identity: round-to-nearest. ``max_memory`` splits a layer's experts into chunks
-(:func:`experts_per_chunk`), each with its own Hessian pass and batched solve.
+(:func:`experts_per_chunk`, the budget shared by the experts sites of a stage): the first chunk rides
+in the stage's pass, every other chunk has a pass of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +40,7 @@ from torch import nn
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
 from quantkit.gptq.hessian import HessianAccumulator
+from quantkit.gptq.stages import InputDigests, StageCache
 from quantkit.model.experts import is_fused_experts
 from quantkit.pipeline import LayerPipeline, LayerStates
 from quantkit.schemes.base import IntQuantized, storage_dtype
@@ -58,6 +67,8 @@ class LayerResult:
     index: int
     weights: list[GptqWeight]
     seconds: float
+    passes: int = 1  # passes over every calibration batch: Hessians, then the quantized outputs
+    stages: list[list[str]] = field(default_factory=list)  # sites whose Hessians shared a pass
 
 
 def gptq_layers(
@@ -69,25 +80,44 @@ def gptq_layers(
     min_expert_tokens: int = 16,
     scale_dtype: torch.dtype | None = None,
     max_memory: int | None = None,
+    true_sequential: bool = True,
+    merge_passes: bool = True,
     on_step: Callable[[str], None] | None = None,
 ) -> Iterator[LayerResult]:
     """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
 
     ``max_memory`` (bytes) bounds the experts solved at once (:func:`experts_per_chunk`); ``on_step``
-    hears what is being solved (a site, or a chunk of experts), for progress display.
+    hears what is being solved (a site, or a chunk of experts), for progress display. Without
+    ``true_sequential`` a layer's Hessians all come from one pass over its float weights;
+    ``merge_passes=False`` gives each site a pass of its own (the same results, more passes).
     """
     solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory, on_step)
+    solver.deferred = None if true_sequential else []
+    cache = StageCache()
     for index in range(pipeline.num_layers):
         started = time.perf_counter()
         layer = pipeline.load_layer(index)
         prefix = pipeline.layer_prefix(index)
-        weights: list[GptqWeight] = []
         aliases: dict[str, str] = {}
-        for site in _site_order(pipeline, layer, prefix, states, aliases):
-            weights += solver.solve_site(layer, prefix, site, aliases, states)
+        order = _first_batch(pipeline, layer, prefix, states, aliases, hashing=False).order
+        sites = {s.name: s for s in (solver.site(layer, prefix, name, aliases) for name in order) if s is not None}
+        if not true_sequential:
+            stages = [list(sites)]
+        elif not merge_passes:
+            stages = [[name] for name in sites]
+        else:
+            probe = functools.partial(_first_batch, pipeline, layer, prefix, states, {})
+            stages = cache.stages(type(layer).__name__, prefix, {n: s.tensors() for n, s in sites.items()},
+                                  probe)
+        passes = solver.passes
+        solved: dict[str, list[GptqWeight]] = {}
+        for stage in stages:
+            solved.update(solver.solve_stage(layer, prefix, [sites[name] for name in stage], states))
+        solver.write_deferred()
         states.hidden = _quantized_outputs(pipeline, layer, prefix, states).hidden
         pipeline.release(layer)
-        yield LayerResult(index, weights, time.perf_counter() - started)
+        weights = [w for name in sites for w in solved[name]]
+        yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages)
     head = pipeline.output_head_name()
     if head is not None and pipeline.arch.disk_name(f"{head}.weight") in schemes:
         started = time.perf_counter()
@@ -96,6 +126,7 @@ def gptq_layers(
         for hidden in pipeline.final_norm(states):
             hessian.add(hidden.reshape(-1, hidden.shape[-1]))
         weights = solver.solve_linears([(head, module)], hessian)
+        solver.write_deferred()
         pipeline.release(module)
         yield LayerResult(pipeline.num_layers, weights, time.perf_counter() - started)
 
@@ -117,19 +148,14 @@ def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
     return max(1, max_memory // per_expert)
 
 
-def _site_order(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
-                aliases: dict[str, str]) -> list[str]:
-    """The layer's input sites in the order the forward pass reaches them (first batch only)."""
-    order: list[str] = []
-
-    def record(site: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
-        if site not in order:
-            order.append(site)
-
-    taps = LayerTaps(record, pipeline.arch, aliases)
+def _first_batch(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
+                 aliases: dict[str, str], hashing: bool = True) -> InputDigests:
+    """The layer's input sites in the order the forward pass reaches them, and what each received (first batch)."""
+    digests = InputDigests(hashing)
+    taps = LayerTaps(digests, pipeline.arch, aliases)
     with taps.attach(prefix, layer):
         pipeline.run_layer(layer, LayerStates(states.hidden[:1], states.kwargs), on_batch=taps.next_batch)
-    return order
+    return digests
 
 
 def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates) -> LayerStates:
@@ -137,6 +163,53 @@ def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, s
     taps = LayerTaps(lambda *_: None, pipeline.arch, {}, only=set())
     with taps.attach(prefix, layer):
         return pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+
+
+@dataclass
+class _Site:
+    """One input site with weights for GPTQ: the linears it feeds, or one fused parameter of routed experts."""
+
+    name: str
+    linears: list[tuple[str, Any]] = field(default_factory=list)  # (in-memory name, module), GPTQ's only
+    experts: Any = None  # the fused experts module
+    param: str = ""  # its gate_up_proj or down_proj
+    names: list[str] = field(default_factory=list)  # the experts' on-disk weights, expert-major
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The weights GPTQ replaces."""
+        return [getattr(self.experts, self.param)] if self.experts is not None else [m.weight for _, m in self.linears]
+
+
+class _StageHessians:
+    """The Hessians of one stage: on first use, its linear sites and each experts site's first chunk from one pass;
+    every further chunk from a pass of its own. The stage's experts sites share ``max_memory``."""
+
+    def __init__(self, solver: _Solver, layer: nn.Module, prefix: str, stage: list[_Site], states: LayerStates) -> None:
+        self.solver, self.layer, self.prefix, self.stage, self.states = solver, layer, prefix, stage, states
+        experts_sites = sum(site.experts is not None for site in stage)
+        budget = solver.max_memory
+        self.budget = budget // experts_sites if budget is not None and experts_sites > 1 else budget
+        self._first: dict[str, tuple[range | None, HessianAccumulator]] | None = None
+
+    def experts_per_chunk(self, rows: int, columns: int) -> int:
+        return experts_per_chunk(rows, columns, self.budget)
+
+    def get(self, site: str, experts: range | None = None) -> HessianAccumulator:
+        """The Hessian of ``site`` (of the experts in ``experts``), from the stage's pass if it holds it."""
+        if self._first is None:
+            requests: dict[str, range | None] = {}
+            for s in self.stage:
+                if s.experts is None:
+                    requests[s.name] = None
+                else:
+                    count, rows, columns = (int(d) for d in getattr(s.experts, s.param).shape)
+                    requests[s.name] = range(min(count, self.experts_per_chunk(rows, columns)))
+            found = self.solver.hessians(self.layer, self.prefix, requests, self.states)
+            self._first = {name: (requests[name], hessian) for name, hessian in found.items()}
+        held = self._first.pop(site, None)
+        if held is not None and held[0] == experts:
+            return held[1]
+        return self.solver.hessians(self.layer, self.prefix, {site: experts}, self.states)[site]
 
 
 class _Solver:
@@ -149,25 +222,35 @@ class _Solver:
         self.all_experts, self.min_expert_tokens = all_experts, min_expert_tokens
         self.scale_dtype, self.max_memory = scale_dtype, max_memory
         self.on_step = on_step or (lambda _: None)
+        self.passes = 0  # Hessian passes over every calibration batch so far
+        self.deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # writes held back (not true-sequential)
 
-    def solve_site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str],
-                   states: LayerStates) -> list[GptqWeight]:
+    def site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str]) -> _Site | None:
+        """What GPTQ solves at ``site``; None when it feeds no weight GPTQ quantizes."""
         relative = site.removeprefix(f"{prefix}.")
         owner = layer.get_submodule(relative.rpartition(".")[0]) if "." in relative else layer
         if is_fused_experts(owner):
             param = relative.rpartition(".")[2]
-            experts_prefix = site.rpartition(".")[0]
-            names = self._expert_names(experts_prefix, param, owner)
-            if not any(n in self.schemes for n in names):
-                return []
-            return self._solve_experts(layer, prefix, site, owner, param, names, states)
+            names = self._expert_names(site.rpartition(".")[0], param, owner)
+            return _Site(site, experts=owner, param=param, names=names) if any(n in self.schemes for n in names) \
+                else None
         members = [site, *sorted(m for m, s in aliases.items() if s == site)]
         linears = [(m, layer.get_submodule(m.removeprefix(f"{prefix}."))) for m in members]
         linears = [(m, mod) for m, mod in linears if self.arch.disk_name(f"{m}.weight") in self.schemes]
-        if not linears:
-            return []
-        self.on_step(site)
-        return self.solve_linears(linears, self._hessian(layer, prefix, site, states))
+        return _Site(site, linears) if linears else None
+
+    def solve_stage(self, layer: nn.Module, prefix: str, stage: list[_Site],
+                    states: LayerStates) -> dict[str, list[GptqWeight]]:
+        """Solve the sites of one stage, their Hessians from one pass (plus one per further chunk of experts)."""
+        hessians = _StageHessians(self, layer, prefix, stage, states)
+        out: dict[str, list[GptqWeight]] = {}
+        for site in stage:
+            if site.experts is not None:
+                out[site.name] = self._solve_experts(site.name, site.experts, site.param, site.names, hessians)
+            else:
+                self.on_step(site.name)
+                out[site.name] = self.solve_linears(site.linears, hessians.get(site.name))
+        return out
 
     def solve_linears(self, linears: list[tuple[str, Any]], hessian: HessianAccumulator) -> list[GptqWeight]:
         """One GPTQ solve per linear, all with the Hessian of their shared input."""
@@ -177,9 +260,22 @@ class _Solver:
             scheme = self.schemes[disk]
             original = module.weight.detach().clone()
             result = self._gptq(original, hessian.hessian, scheme, disk)
-            module.weight.data.copy_(result.dequantized.to(module.weight.dtype))
+            self._write(module.weight.data, result.dequantized.to(module.weight.dtype))
             out.append(_record(disk, original, result, scheme, hessian.tokens[0], None))
         return out
+
+    def write_deferred(self) -> None:
+        """Write back the dequantized weights held back until the layer's last solve."""
+        if self.deferred:
+            for target, value in self.deferred:
+                target.copy_(value)
+            self.deferred.clear()
+
+    def _write(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        if self.deferred is None:
+            target.copy_(value)
+        else:
+            self.deferred.append((target, value))
 
     def _expert_names(self, experts_prefix: str, param: str, module: Any) -> list[str]:
         """On-disk per-expert names (expert-major; gate before up) of the fused ``param``."""
@@ -188,8 +284,8 @@ class _Solver:
         return list(self.arch.experts.fused_shapes(self.arch.disk_name(f"{experts_prefix}.{param}"),
                                                    tuple(fused.shape)))
 
-    def _solve_experts(self, layer: nn.Module, prefix: str, site: str, module: Any, param: str, names: list[str],
-                       states: LayerStates) -> list[GptqWeight]:
+    def _solve_experts(self, site: str, module: Any, param: str, names: list[str],
+                       hessians: _StageHessians) -> list[GptqWeight]:
         """Batched solves of the experts of ``param``, ``max_memory`` permitting all at once (gate and up rows
         together: GPTQ's rows are independent)."""
         configs = {self.schemes.get(n) for n in names}
@@ -198,18 +294,18 @@ class _Solver:
         scheme = self.schemes[names[0]]
         fused = getattr(module, param)
         experts, rows_total, columns = (int(d) for d in fused.shape)
-        chunk = experts_per_chunk(rows_total, columns, self.max_memory)
+        chunk = hessians.experts_per_chunk(rows_total, columns)
         per_name = len(names) // experts  # 2 (gate, up) or 1 (down)
         rows = rows_total // per_name
         out = []
         for first in range(0, experts, chunk):
             chosen = range(first, min(first + chunk, experts))
             self.on_step(f"{site} experts {first}-{chosen.stop - 1} of {experts}")
-            hessian = self._hessian(layer, prefix, site, states, chosen)
+            hessian = hessians.get(site, chosen)
             H, notes = self._starved_fallback(hessian.hessian, hessian.tokens)
             original = fused[first : chosen.stop].detach().clone()
             result = self._gptq(original, H, scheme, names[first * per_name])
-            fused.data[first : chosen.stop] = result.dequantized.to(fused.dtype)
+            self._write(fused.data[first : chosen.stop], result.dequantized.to(fused.dtype))
             for i, part in enumerate(result.experts()):
                 e = first + i
                 for k, name in enumerate(names[e * per_name : (e + 1) * per_name]):
@@ -239,13 +335,14 @@ class _Solver:
             notes[e] = f"{n} tokens (< {k}): Hessian blended with the layer's mean expert Hessian"
         return H, notes
 
-    def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates,
-                 experts: range | None = None) -> HessianAccumulator:
-        """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights);
-        for an experts site, of the experts in ``experts`` only (indexed from its start)."""
+    def hessians(self, layer: nn.Module, prefix: str, requests: dict[str, range | None],
+                 states: LayerStates) -> dict[str, HessianAccumulator]:
+        """The Hessians of the sites in ``requests`` over every batch, in one pass (with the layer's weights as they
+        are now); for an experts site, of the experts in its range only (indexed from its start)."""
         accumulators: dict[str, HessianAccumulator] = {}
 
         def add(name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
+            experts = requests[name]
             if experts is not None and expert not in experts:
                 return
             if name not in accumulators:
@@ -255,12 +352,14 @@ class _Solver:
             index = expert - experts.start if experts is not None else expert
             accumulators[name].add(x.float(), index if num_experts > 1 else None)
 
-        taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only={site})
+        taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only=set(requests))
         with taps.attach(prefix, layer):
             self.pipeline.run_layer(layer, states, on_batch=taps.next_batch)
-        if site not in accumulators:
-            raise QuantkitError(f"{site} received no calibration input")
-        return accumulators[site]
+        self.passes += 1
+        for site in requests:
+            if site not in accumulators:
+                raise QuantkitError(f"{site} received no calibration input")
+        return accumulators
 
     def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: GptqConfig, name: str) -> GptqResult:
         """GPTQ with ``scheme``'s options; scales rounded to the on-disk dtype of ``name``."""
