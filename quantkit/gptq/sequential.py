@@ -40,7 +40,7 @@ from torch import nn
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
 from quantkit.gptq.hessian import HessianAccumulator
-from quantkit.gptq.stages import InputDigests, StageCache
+from quantkit.gptq.stages import InputDigests, StageCache, StagePasses
 from quantkit.model.experts import is_fused_experts
 from quantkit.pipeline import LayerPipeline, LayerStates
 from quantkit.schemes.base import IntQuantized, storage_dtype
@@ -102,7 +102,7 @@ def gptq_layers(
         order = _first_batch(pipeline, layer, prefix, states, aliases, hashing=False).order
         sites = {s.name: s for s in (solver.site(layer, prefix, name, aliases) for name in order) if s is not None}
         if not true_sequential:
-            stages = [list(sites)]
+            stages = [list(sites)] if sites else []
         elif not merge_passes:
             stages = [[name] for name in sites]
         else:
@@ -180,38 +180,6 @@ class _Site:
         return [getattr(self.experts, self.param)] if self.experts is not None else [m.weight for _, m in self.linears]
 
 
-class _StageHessians:
-    """The Hessians of one stage: on first use, its linear sites and each experts site's first chunk from one pass;
-    every further chunk from a pass of its own. The stage's experts sites share ``max_memory``."""
-
-    def __init__(self, solver: _Solver, layer: nn.Module, prefix: str, stage: list[_Site], states: LayerStates) -> None:
-        self.solver, self.layer, self.prefix, self.stage, self.states = solver, layer, prefix, stage, states
-        experts_sites = sum(site.experts is not None for site in stage)
-        budget = solver.max_memory
-        self.budget = budget // experts_sites if budget is not None and experts_sites > 1 else budget
-        self._first: dict[str, tuple[range | None, HessianAccumulator]] | None = None
-
-    def experts_per_chunk(self, rows: int, columns: int) -> int:
-        return experts_per_chunk(rows, columns, self.budget)
-
-    def get(self, site: str, experts: range | None = None) -> HessianAccumulator:
-        """The Hessian of ``site`` (of the experts in ``experts``), from the stage's pass if it holds it."""
-        if self._first is None:
-            requests: dict[str, range | None] = {}
-            for s in self.stage:
-                if s.experts is None:
-                    requests[s.name] = None
-                else:
-                    count, rows, columns = (int(d) for d in getattr(s.experts, s.param).shape)
-                    requests[s.name] = range(min(count, self.experts_per_chunk(rows, columns)))
-            found = self.solver.hessians(self.layer, self.prefix, requests, self.states)
-            self._first = {name: (requests[name], hessian) for name, hessian in found.items()}
-        held = self._first.pop(site, None)
-        if held is not None and held[0] == experts:
-            return held[1]
-        return self.solver.hessians(self.layer, self.prefix, {site: experts}, self.states)[site]
-
-
 class _Solver:
     """Hessians and GPTQ solves for the sites of one layer at a time."""
 
@@ -241,8 +209,17 @@ class _Solver:
 
     def solve_stage(self, layer: nn.Module, prefix: str, stage: list[_Site],
                     states: LayerStates) -> dict[str, list[GptqWeight]]:
-        """Solve the sites of one stage, their Hessians from one pass (plus one per further chunk of experts)."""
-        hessians = _StageHessians(self, layer, prefix, stage, states)
+        """Solve the sites of one stage, their Hessians from one pass (plus one per further chunk of experts); the
+        stage's experts sites share ``max_memory``."""
+        experts_sites = sum(site.experts is not None for site in stage)
+        budget = self.max_memory // experts_sites if self.max_memory is not None and experts_sites > 1 \
+            else self.max_memory
+        chunk = functools.partial(experts_per_chunk, max_memory=budget)
+        first: dict[str, range | None] = {}
+        for site in stage:
+            experts, rows, columns = getattr(site.experts, site.param).shape if site.experts is not None else (0, 0, 0)
+            first[site.name] = range(min(experts, chunk(rows, columns))) if site.experts is not None else None
+        hessians = StagePasses(functools.partial(self.hessians, layer, prefix, states=states), first, chunk)
         out: dict[str, list[GptqWeight]] = {}
         for site in stage:
             if site.experts is not None:
@@ -285,7 +262,7 @@ class _Solver:
                                                    tuple(fused.shape)))
 
     def _solve_experts(self, site: str, module: Any, param: str, names: list[str],
-                       hessians: _StageHessians) -> list[GptqWeight]:
+                       hessians: StagePasses) -> list[GptqWeight]:
         """Batched solves of the experts of ``param``, ``max_memory`` permitting all at once (gate and up rows
         together: GPTQ's rows are independent)."""
         configs = {self.schemes.get(n) for n in names}
@@ -335,7 +312,7 @@ class _Solver:
             notes[e] = f"{n} tokens (< {k}): Hessian blended with the layer's mean expert Hessian"
         return H, notes
 
-    def hessians(self, layer: nn.Module, prefix: str, requests: dict[str, range | None],
+    def hessians(self, layer: nn.Module, prefix: str, requests: dict[str, range | None], *,
                  states: LayerStates) -> dict[str, HessianAccumulator]:
         """The Hessians of the sites in ``requests`` over every batch, in one pass (with the layer's weights as they
         are now); for an experts site, of the experts in its range only (indexed from its start)."""

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from quantkit.gptq.hessian import HessianAccumulator
+
 PERTURBATION = 0.1  # noise std as a fraction of the weight's mean |w|
 
 
@@ -87,6 +89,25 @@ def stages_of(order: list[str], depends: dict[str, set[str]]) -> list[list[str]]
     return [[site for site in order if stage[site] == k] for k in range(count)]
 
 
+class StagePasses:
+    """The Hessians of one stage: on first use, the requests of ``first`` (each experts site's first chunk) from one
+    pass of ``collect``; any other request (a further chunk) from a pass of its own."""
+
+    def __init__(self, collect: Callable[[dict[str, range | None]], dict[str, HessianAccumulator]],
+                 first: dict[str, range | None], experts_per_chunk: Callable[[int, int], int]) -> None:
+        self.collect, self.first, self.experts_per_chunk = collect, first, experts_per_chunk
+        self._held: dict[str, tuple[range | None, HessianAccumulator]] | None = None
+
+    def get(self, site: str, experts: range | None = None) -> HessianAccumulator:
+        """The Hessian of ``site`` (of its experts in ``experts``), from the stage's pass if that holds it."""
+        if self._held is None:
+            self._held = {name: (self.first[name], hessian) for name, hessian in self.collect(self.first).items()}
+        held = self._held.pop(site, None)
+        if held is not None and held[0] == experts:
+            return held[1]
+        return self.collect({site: experts})[site]
+
+
 class StageCache:
     """Stages per kind of layer, as names relative to the layer: probed on the first layer of each kind."""
 
@@ -97,6 +118,8 @@ class StageCache:
     def stages(self, kind: str, prefix: str, sites: dict[str, list[torch.Tensor]],
                run: Callable[[], InputDigests]) -> list[list[str]]:
         """The stages of the sites (full names under ``prefix``) of a layer of class ``kind``."""
+        if len(sites) < 2:
+            return [list(sites)] if sites else []
         relative = [site.removeprefix(f"{prefix}.") for site in sites]
         key = (kind, *relative)
         if key not in self._stages:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ ROUTED_AND_SHARED = [["mlp.experts.gate_up_proj", "mlp.shared_experts.gate_proj"
 EXPECTED: dict[str, list[list[list[str]]]] = {
     "llama": [ATTENTION + DENSE_MLP] * 2,
     "mixtral": [ATTENTION + ROUTED] * 2,
-    "qwen2_moe": [ATTENTION + [["mlp.shared_expert.gate_proj", "mlp.experts.gate_up_proj"],
-                               ["mlp.shared_expert.down_proj", "mlp.experts.down_proj"]]] * 2,
+    "qwen2_moe": [[*ATTENTION, ["mlp.shared_expert.gate_proj", "mlp.experts.gate_up_proj"],
+                   ["mlp.shared_expert.down_proj", "mlp.experts.down_proj"]]] * 2,
     "deepseek_v2": [MLA + DENSE_MLP, MLA + ROUTED_AND_SHARED],
     "deepseek_v3": [MLA + DENSE_MLP, MLA + ROUTED_AND_SHARED],
     "deepseek_v3_q_lora": [MLA_Q_LORA + DENSE_MLP, MLA_Q_LORA + ROUTED_AND_SHARED],
@@ -92,22 +93,39 @@ def assert_identical(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
 
 
+@pytest.fixture(scope="module")
+def runs(checkpoints: dict[str, Path]) -> Callable[..., tuple[list[LayerResult], torch.Tensor]]:
+    """``run_gptq`` on a checkpoint by name, each distinct run done once for the module."""
+    done: dict[tuple[Any, ...], tuple[list[LayerResult], torch.Tensor]] = {}
+
+    def run(name: str, **options: Any) -> tuple[list[LayerResult], torch.Tensor]:
+        key = (name, *sorted(options.items()))
+        if key not in done:
+            done[key] = run_gptq(checkpoints[name], **options)
+        return done[key]
+
+    return run
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_stages_of_each_architecture(checkpoints: dict[str, Path], name: str) -> None:
-    layers, _ = run_gptq(checkpoints[name])
+def test_stages_of_each_architecture(runs: Callable[..., Any], name: str) -> None:
+    layers, _ = runs(name)
     relative = [[[site.removeprefix(f"model.layers.{layer.index}.") for site in stage] for stage in layer.stages]
                 for layer in layers]
     assert relative == EXPECTED[name]
     assert [layer.passes for layer in layers] == [len(stages) + 1 for stages in EXPECTED[name]]
 
 
-@pytest.mark.parametrize("name", list(EXPECTED))
-@pytest.mark.parametrize("extra", [{}, {"max_memory": 1, "all_experts": True}], ids=["whole", "chunked"])
-def test_merged_passes_equal_one_pass_per_site(checkpoints: dict[str, Path], name: str,
-                                               extra: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("name", "extra"), [
+    *((name, {}) for name in EXPECTED),
+    ("qwen2_moe", {"max_memory": 1, "all_experts": True}),  # one pass per expert chunk, as before
+    *(pytest.param(name, {"max_memory": 1, "all_experts": True}, marks=pytest.mark.slow)
+      for name in ("mixtral", "deepseek_v3_q_lora")),
+])
+def test_merged_passes_equal_one_pass_per_site(runs: Callable[..., Any], name: str, extra: dict[str, Any]) -> None:
     """Bit for bit: every code, scale, zero point and record, and the hidden states after the last layer."""
-    merged, merged_hidden = run_gptq(checkpoints[name], **extra)
-    per_site, per_site_hidden = run_gptq(checkpoints[name], merge_passes=False, **extra)
+    merged, merged_hidden = runs(name, **extra)
+    per_site, per_site_hidden = runs(name, merge_passes=False, **extra)
     assert_identical(outputs(merged), outputs(per_site))
     assert torch.equal(merged_hidden, per_site_hidden)
     assert all(len(stage) == 1 for layer in per_site for stage in layer.stages)
@@ -115,27 +133,29 @@ def test_merged_passes_equal_one_pass_per_site(checkpoints: dict[str, Path], nam
     assert saved == sum(len(stage) - 1 for layer in EXPECTED[name] for stage in layer)
 
 
-@pytest.mark.parametrize(("name", "site"), [("llama", r"mlp\.down_proj"), ("qwen2_moe", r"mlp\.experts\.\d+\.down_proj"),
-                                            ("deepseek_v3_q_lora", r"self_attn\.kv_b_proj")])
-def test_without_true_sequential_every_hessian_comes_from_the_float_layer(checkpoints: dict[str, Path], name: str,
+@pytest.mark.parametrize(("name", "site"), [
+    ("llama", r"mlp\.down_proj"), ("qwen2_moe", r"mlp\.experts\.\d+\.down_proj"),
+    ("deepseek_v3_q_lora", r"self_attn\.kv_b_proj"),
+])
+def test_without_true_sequential_every_hessian_comes_from_the_float_layer(runs: Callable[..., Any], name: str,
                                                                             site: str) -> None:
     """One pass per layer; a late site's result in layer 0 is the one it gets when nothing before it is quantized."""
-    layers, _ = run_gptq(checkpoints[name], true_sequential=False)
+    layers, _ = runs(name, true_sequential=False)
     assert [layer.passes for layer in layers] == [2, 2]
     assert [len(layer.stages) for layer in layers] == [1, 1]
-    alone, _ = run_gptq(checkpoints[name], only=rf"layers\.0\.{site}\.")
+    alone, _ = runs(name, only=rf"layers\.0\.{site}\.")
     expected = outputs(alone)
     assert expected
     got = {k: v for k, v in outputs(layers).items() if k in expected}
     assert_identical(got, expected)
-    sequential = outputs(run_gptq(checkpoints[name])[0])
+    sequential = outputs(runs(name)[0])
     assert any(not torch.equal(sequential[k][0], got[k][0]) for k in expected)
 
 
-def test_without_true_sequential_chunks_see_the_float_layer(checkpoints: dict[str, Path]) -> None:
+def test_without_true_sequential_chunks_see_the_float_layer(runs: Callable[..., Any]) -> None:
     """With --max-memory each further chunk has a pass of its own, still over the float weights."""
-    whole, _ = run_gptq(checkpoints["qwen2_moe"], true_sequential=False, all_experts=True)
-    chunked, _ = run_gptq(checkpoints["qwen2_moe"], true_sequential=False, all_experts=True, max_memory=1)
+    whole, _ = runs("qwen2_moe", true_sequential=False, all_experts=True)
+    chunked, _ = runs("qwen2_moe", true_sequential=False, all_experts=True, max_memory=1)
     assert_identical(outputs(whole), outputs(chunked))
     assert [layer.passes for layer in chunked] == [2 + 3 + 3, 2 + 3 + 3]  # 4 experts: 3 more chunks per site
 
