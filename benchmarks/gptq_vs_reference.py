@@ -11,7 +11,7 @@ group of 16, the 172-wide ``down_proj`` rows in one of 28); act-order off and on
 The reference is the IST-DASLab/gptq checkout named by ``--reference`` or ``QUANTKIT_GPTQ_REFERENCE``
 (its ``gptq.py`` and ``quant.py``; nothing of it is in this repository). ``llama.py`` needs CUDA, so
 :func:`reference_sequential` is a CPU transcription of its ``llama_sequential`` with ``--true-sequential``
-(as its README runs LLaMA; quantkit is always true-sequential): the same layer and sub-layer order,
+(as its README runs LLaMA; quantkit is true-sequential by default): the same layer and sub-layer order,
 one calibration window per forward, ``GPTQ.add_batch`` from forward hooks and ``GPTQ.fasterquant``,
 with ``Quantizer.configure(bits, perchannel=True, sym=False, mse=False)``. Its only adaptations: no
 ``.to(dev)``/``.cuda()``; ``torch.cuda.synchronize`` (called by ``fasterquant``) is a no-op while it

@@ -67,7 +67,8 @@ class QuantizeOptions:
     (``quantkit.formats.output.OUTPUT_FORMATS``): ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ
     only), ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks
     ``ggml`` for k-quants, else ``compressed-tensors``. ``max_memory`` (bytes) bounds how many experts GPTQ
-    solves at once; None: half the memory available when a layer's experts are solved.
+    solves at once; None: half the memory available when a layer's experts are solved. ``true_sequential=False`` takes each layer's GPTQ Hessians in one pass over its float
+    weights instead of after its earlier weights are quantized (fewer passes, usually a little worse).
     """
 
     overwrite: bool = False  # replace ``out`` if it is a previous quantkit output (never anything else)
@@ -77,6 +78,7 @@ class QuantizeOptions:
     data: CalibrationSettings | None = None
     output_format: str = "auto"
     max_memory: int | None = None
+    true_sequential: bool = True
     command: list[str] | None = None  # recorded in the report
     show_progress: bool = True
     console: Console | None = None
@@ -126,7 +128,7 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
     """Write the plan as a checkpoint directory at ``out`` (atomically): GPTQ's weights layer by layer, then every
     other tensor source by source, config.json, the tokenizer files and the report."""
     checkpoint = plan.checkpoint
-    written = WrittenWeights()
+    written = WrittenWeights(true_sequential=options.true_sequential)
     hessian_items = {t.name: t for t in plan.tensors if t.scheme is not None and _needs_hessian(t.scheme)}
     gptq_data = _gptq_data(hessian_items, options.data, calib, options.seed)
 
@@ -148,8 +150,7 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
     with atomic_directory(out, options.overwrite, reads=reads, notes=report.notes) as tmp:
         writer = fmt.open(tmp, options.max_shard_bytes)
         if gptq_data is not None:
-            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, options.max_memory,
-                                  options.show_progress, options.console)
+            layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, options)
             for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
@@ -162,6 +163,8 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
             report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len, "seed": gptq_data.seed,
                            "dataset": gptq_data.dataset or "bundled default", "all_experts": gptq_data.all_experts,
                            "min_expert_tokens": gptq_data.min_expert_tokens}
+            if not options.true_sequential:  # absent when on, as reports before the option had it
+                report.gptq["true_sequential"] = False
         for source in track(plan.sources, "quantizing", options.show_progress, options.console):
             if all(item.name in hessian_items for item in source.outputs):
                 continue
@@ -316,7 +319,7 @@ def _gptq_data(items: dict[str, TensorPlan], data: CalibrationSettings | None,
 
 def _gptq_layers(
     checkpoint: Checkpoint, items: dict[str, TensorPlan], data: CalibrationSettings, scale_dtype: torch.dtype | None,
-    max_memory: int | None, show_progress: bool, console: Console | None,
+    options: QuantizeOptions,
 ) -> Iterator[LayerResult]:
     """GPTQ on every weight in ``items``, one decoder layer at a time (progress per layer, step shown)."""
     pipeline = LayerPipeline(checkpoint, torch.float32, data.device)
@@ -324,10 +327,11 @@ def _gptq_layers(
     states = pipeline.capture(windows.input_ids, data.batch_size)
     schemes = {name: item.scheme for name, item in items.items() if isinstance(item.scheme, GptqConfig)}
     steps = pipeline.num_layers + (1 if any(i.role.value == "lm_head" for i in items.values()) else 0)
-    with StepProgress("GPTQ layers", steps, show_progress, console) as progress:
+    with StepProgress("GPTQ layers", steps, options.show_progress, options.console) as progress:
         yield from progress.track(gptq_layers(
             pipeline, states, schemes, all_experts=data.all_experts, min_expert_tokens=data.min_expert_tokens,
-            scale_dtype=scale_dtype, max_memory=max_memory, on_step=progress.step,
+            scale_dtype=scale_dtype, max_memory=options.max_memory, true_sequential=options.true_sequential,
+            on_step=progress.step,
         ))
 
 

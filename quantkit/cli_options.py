@@ -167,6 +167,11 @@ class GptqOptions(OptionGroup):
         str | None, typer.Option("--max-memory", help="GPTQ: memory for experts solved at once, e.g. 4GB; "
                                                       "default: half the available memory.")
     ] = None
+    true_sequential: Annotated[
+        bool, typer.Option("--true-sequential/--no-true-sequential",
+                           help="GPTQ: each Hessian after the layer's earlier weights are quantized; "
+                                "off: one pass per layer, on its float weights.")
+    ] = True
 
     def overrides(self) -> dict[str, Any]:
         return {"act_order": self.act_order or None, "static_groups": self.static_groups or None,
@@ -308,6 +313,7 @@ def quantize_options(model: str | None, recipe: Recipe, output: OutputOptions, d
         data=settings,
         output_format=output.output_format,
         max_memory=parse_size(gptq.max_memory) if gptq.max_memory is not None else None,
+        true_sequential=gptq.true_sequential,
         command=command_line(),
         show_progress=show_progress,
         console=err_console,

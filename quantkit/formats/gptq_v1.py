@@ -276,7 +276,8 @@ class GptqV1Format(DirectoryFormat):
     def finish(self, directory: Path, config: dict[str, Any], written: WrittenWeights) -> None:
         if not written.integer:
             return
-        config["quantization_config"] = quantization_config(written.integer, written.float_linears)
+        config["quantization_config"] = quantization_config(written.integer, written.float_linears,
+                                                            true_sequential=written.true_sequential)
         side_file = json.dumps(quantize_config_json(config["quantization_config"]), indent=2) + "\n"
         (directory / QUANTIZE_CONFIG_FILE).write_text(side_file)
 

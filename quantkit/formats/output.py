@@ -49,6 +49,7 @@ class WrittenWeights:
     integer: dict[str, IntConfig] = field(default_factory=dict)  # module -> integer scheme
     blocks: dict[str, tuple[str, tuple[int, int]]] = field(default_factory=dict)  # module -> (ggml type, shape)
     float_linears: list[str] = field(default_factory=list)  # linears left in float
+    true_sequential: bool = True  # how GPTQ took its Hessians (GPTQ configs record it)
 
 
 class OutputFormat(ABC):

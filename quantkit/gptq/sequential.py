@@ -2,29 +2,37 @@
 
 For each layer (:class:`~quantkit.pipeline.LayerPipeline`)::
 
-    order = the layer's input sites in execution order      (one batch, taps only)
-    for site in order:                                      (q/k/v... -> o_proj -> gate/up -> down)
-        H = Hessian of the site's inputs over every batch   (earlier sites already quantized)
-        solve GPTQ for every weight fed by the site         (experts: one batched solve)
+    sites  = the layer's input sites in execution order     (one batch, taps only)
+    stages = the sites grouped so that no site of a stage depends on another's weights
+             (:mod:`quantkit.gptq.stages`: probed on the first batch, once per kind of layer)
+    for stage in stages:                                    ({q_a}, {q_b, kv_b}, {o}, {gate/up, shared gate/up}, ...)
+        H = Hessians of the stage's inputs over every batch  (one pass; earlier stages already quantized)
+        solve GPTQ for every weight fed by each site        (experts: one batched solve)
         write the dequantized Q back into the layer
     inputs of layer i+1 = layer i's outputs with every weight quantized
+
+Each site's Hessian is the one a pass per site in execution order would give, bit for bit. Without
+``true_sequential`` all sites form one stage: one pass over the layer's float weights, and the
+dequantized weights are written back only when every site of the layer is solved.
 
 Routed experts: one Hessian per expert from the tokens routed to it (every token with
 ``all_experts``); gate and up share it (one solve of the fused ``[E, 2I, H]`` weight, rows are
 independent in GPTQ). An expert with fewer than ``min_expert_tokens`` tokens gets the blended
 Hessian ``(n H_e + (K - n) H_mean) / K`` (``n`` its tokens, ``K`` the threshold, ``H_mean`` the
 token-weighted mean of all the layer's experts, ``2/N sum x x^T`` over every (token, expert) input of
-the site, accumulated in the first chunk's pass): the missing tokens are stood in for by the layer's
-typical input. With no token at all in any expert, H is the identity: round-to-nearest.
-``max_memory`` splits a layer's experts into chunks (:func:`experts_per_chunk`), each with its own
-Hessian pass and batched solve; the result does not depend on the chunking.
+the site, pooled in the first chunk's pass): the missing tokens are stood in for by the layer's typical
+input. With no token at all in any expert, H is the identity: round-to-nearest. ``max_memory`` (by
+default half the available memory) splits a layer's experts into chunks (:func:`experts_per_chunk`,
+the budget shared by the experts sites of a stage): the first chunk rides in the stage's pass, every
+other chunk has a pass of its own. The output does not depend on the chunking.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +42,7 @@ from quantkit import heap
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
 from quantkit.gptq.hessian import HessianAccumulator
+from quantkit.gptq.stages import InputDigests, StageCache, StagePasses
 from quantkit.model.experts import is_fused_experts
 from quantkit.pipeline import LayerPipeline, LayerStates
 from quantkit.schemes.base import IntQuantized, storage_dtype
@@ -60,6 +69,8 @@ class LayerResult:
     index: int
     weights: list[GptqWeight]
     seconds: float
+    passes: int = 1  # passes over every calibration batch: Hessians, then the quantized outputs
+    stages: list[list[str]] = field(default_factory=list)  # sites whose Hessians shared a pass
 
 
 def gptq_layers(
@@ -71,26 +82,45 @@ def gptq_layers(
     min_expert_tokens: int = 16,
     scale_dtype: torch.dtype | None = None,
     max_memory: int | None = None,
+    true_sequential: bool = True,
+    merge_passes: bool = True,
     on_step: Callable[[str], None] | None = None,
 ) -> Iterator[LayerResult]:
     """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
 
-    ``max_memory`` (bytes; None: from the available memory) bounds the experts solved at once
+    ``max_memory`` (bytes; None: half the available memory) bounds the experts solved at once
     (:func:`experts_per_chunk`); ``on_step``
-    hears what is being solved (a site, or a chunk of experts), for progress display.
+    hears what is being solved (a site, or a chunk of experts), for progress display. Without
+    ``true_sequential`` a layer's Hessians all come from one pass over its float weights;
+    ``merge_passes=False`` gives each site a pass of its own (the same results, more passes).
     """
     solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory, on_step)
+    solver.deferred = None if true_sequential else []
+    cache = StageCache()
     for index in range(pipeline.num_layers):
         started = time.perf_counter()
         layer = pipeline.load_layer(index)
         prefix = pipeline.layer_prefix(index)
-        weights: list[GptqWeight] = []
         aliases: dict[str, str] = {}
-        for site in _site_order(pipeline, layer, prefix, states, aliases):
-            weights += solver.solve_site(layer, prefix, site, aliases, states)
+        order = _first_batch(pipeline, layer, prefix, states, aliases, hashing=False).order
+        sites = {s.name: s for s in (solver.site(layer, prefix, name, aliases) for name in order) if s is not None}
+        if not true_sequential:
+            stages = [list(sites)] if sites else []
+        elif not merge_passes:
+            stages = [[name] for name in sites]
+        else:
+            probe = functools.partial(_first_batch, pipeline, layer, prefix, states, {})
+            stages = cache.stages(type(layer).__name__, prefix, {n: s.tensors() for n, s in sites.items()},
+                                  probe)
+        passes = solver.passes
+        solved: dict[str, list[GptqWeight]] = {}
+        for stage in stages:
+            solved.update(solver.solve_stage(layer, prefix, [sites[name] for name in stage], states))
+        solver.write_deferred()
         states.hidden = _quantized_outputs(pipeline, layer, prefix, states).hidden
         pipeline.release(layer)
-        yield LayerResult(index, weights, time.perf_counter() - started)
+        weights = [w for name in sites for w in solved[name]]
+        yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages)
     head = pipeline.output_head_name()
     if head is not None and pipeline.arch.disk_name(f"{head}.weight") in schemes:
         started = time.perf_counter()
@@ -99,15 +129,14 @@ def gptq_layers(
         for hidden in pipeline.final_norm(states):
             hessian.add(hidden.reshape(-1, hidden.shape[-1]))
         weights = solver.solve_linears([(head, module)], hessian)
+        solver.write_deferred()
         pipeline.release(module)
         yield LayerResult(pipeline.num_layers, weights, time.perf_counter() - started)
 
 
 BYTES_PER_HESSIAN_ELEMENT = 4 * 4  # float32 H, plus its damped copy, Cholesky factor and inverse
 BYTES_PER_WEIGHT_ELEMENT = 4 * 4  # float32 W, its working copy, Q and the error block
-
-
-AUTO_BUDGET_FRACTION = 0.5  # of the memory available when a site's experts are solved
+AUTO_BUDGET_FRACTION = 0.5  # of the memory available when a stage's experts are solved
 
 
 def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
@@ -115,32 +144,31 @@ def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
 
     Per expert: float32 Hessian ``[columns, columns]`` with its dampened copy, Cholesky factor and
     inverse (16 bytes per element), and the float32 weight ``[rows, columns]`` with its working copy,
-    dequantized result and error block (16 bytes per element). No budget (None): half the memory
-    available now (:func:`quantkit.heap.available`), or all experts at once where that is unknown.
-    The output does not depend on the chunking.
+    dequantized result and error block (16 bytes per element). No budget (None): :func:`auto_budget`,
+    or all experts at once where the available memory is unknown. The output does not depend on it.
     """
     if max_memory is None:
-        available = heap.available()
-        if available is None:
+        max_memory = auto_budget()
+        if max_memory is None:
             return 1 << 30
-        max_memory = int(available * AUTO_BUDGET_FRACTION)
     per_expert = BYTES_PER_HESSIAN_ELEMENT * columns * columns + BYTES_PER_WEIGHT_ELEMENT * rows * columns
     return max(1, max_memory // per_expert)
 
 
-def _site_order(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
-                aliases: dict[str, str]) -> list[str]:
-    """The layer's input sites in the order the forward pass reaches them (first batch only)."""
-    order: list[str] = []
+def auto_budget() -> int | None:
+    """GPTQ's default ``max_memory``: half the memory available now (None where unknown)."""
+    available = heap.available()
+    return None if available is None else int(available * AUTO_BUDGET_FRACTION)
 
-    def record(site: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
-        if site not in order:
-            order.append(site)
 
-    taps = LayerTaps(record, pipeline.arch, aliases)
+def _first_batch(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
+                 aliases: dict[str, str], hashing: bool = True) -> InputDigests:
+    """The layer's input sites in the order the forward pass reaches them, and what each received (first batch)."""
+    digests = InputDigests(hashing)
+    taps = LayerTaps(digests, pipeline.arch, aliases)
     with taps.attach(prefix, layer):
         pipeline.run_layer(layer, LayerStates(states.hidden[:1], states.kwargs), on_batch=taps.next_batch)
-    return order
+    return digests
 
 
 def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates) -> LayerStates:
@@ -148,6 +176,21 @@ def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, s
     taps = LayerTaps(lambda *_: None, pipeline.arch, {}, only=set())
     with taps.attach(prefix, layer):
         return pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+
+
+@dataclass
+class _Site:
+    """One input site with weights for GPTQ: the linears it feeds, or one fused parameter of routed experts."""
+
+    name: str
+    linears: list[tuple[str, Any]] = field(default_factory=list)  # (in-memory name, module), GPTQ's only
+    experts: Any = None  # the fused experts module
+    param: str = ""  # its gate_up_proj or down_proj
+    names: list[str] = field(default_factory=list)  # the experts' on-disk weights, expert-major
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The weights GPTQ replaces."""
+        return [getattr(self.experts, self.param)] if self.experts is not None else [m.weight for _, m in self.linears]
 
 
 class _Solver:
@@ -160,25 +203,46 @@ class _Solver:
         self.all_experts, self.min_expert_tokens = all_experts, min_expert_tokens
         self.scale_dtype, self.max_memory = scale_dtype, max_memory
         self.on_step = on_step or (lambda _: None)
+        self.passes = 0  # Hessian passes over every calibration batch so far
+        self.deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # writes held back (not true-sequential)
+        self.pooled: dict[str, HessianAccumulator] = {}  # per experts site of the layer: every expert's inputs
 
-    def solve_site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str],
-                   states: LayerStates) -> list[GptqWeight]:
+    def site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str]) -> _Site | None:
+        """What GPTQ solves at ``site``; None when it feeds no weight GPTQ quantizes."""
         relative = site.removeprefix(f"{prefix}.")
         owner = layer.get_submodule(relative.rpartition(".")[0]) if "." in relative else layer
         if is_fused_experts(owner):
             param = relative.rpartition(".")[2]
-            experts_prefix = site.rpartition(".")[0]
-            names = self._expert_names(experts_prefix, param, owner)
-            if not any(n in self.schemes for n in names):
-                return []
-            return self._solve_experts(layer, prefix, site, owner, param, names, states)
+            names = self._expert_names(site.rpartition(".")[0], param, owner)
+            return _Site(site, experts=owner, param=param, names=names) if any(n in self.schemes for n in names) \
+                else None
         members = [site, *sorted(m for m, s in aliases.items() if s == site)]
         linears = [(m, layer.get_submodule(m.removeprefix(f"{prefix}."))) for m in members]
         linears = [(m, mod) for m, mod in linears if self.arch.disk_name(f"{m}.weight") in self.schemes]
-        if not linears:
-            return []
-        self.on_step(site)
-        return self.solve_linears(linears, self._hessian(layer, prefix, site, states)[0])
+        return _Site(site, linears) if linears else None
+
+    def solve_stage(self, layer: nn.Module, prefix: str, stage: list[_Site],
+                    states: LayerStates) -> dict[str, list[GptqWeight]]:
+        """Solve the sites of one stage, their Hessians from one pass (plus one per further chunk of experts); the
+        stage's experts sites share ``max_memory``."""
+        experts_sites = sum(site.experts is not None for site in stage)
+        budget = self.max_memory if self.max_memory is not None or not experts_sites else auto_budget()
+        if budget is not None and experts_sites > 1:
+            budget //= experts_sites
+        chunk = functools.partial(experts_per_chunk, max_memory=budget)
+        first: dict[str, range | None] = {}
+        for site in stage:
+            experts, rows, columns = getattr(site.experts, site.param).shape if site.experts is not None else (0, 0, 0)
+            first[site.name] = range(min(experts, chunk(rows, columns))) if site.experts is not None else None
+        hessians = StagePasses(functools.partial(self.hessians, layer, prefix, states=states), first, chunk)
+        out: dict[str, list[GptqWeight]] = {}
+        for site in stage:
+            if site.experts is not None:
+                out[site.name] = self._solve_experts(site.name, site.experts, site.param, site.names, hessians)
+            else:
+                self.on_step(site.name)
+                out[site.name] = self.solve_linears(site.linears, hessians.get(site.name))
+        return out
 
     def solve_linears(self, linears: list[tuple[str, Any]], hessian: HessianAccumulator) -> list[GptqWeight]:
         """One GPTQ solve per linear, all with the Hessian of their shared input."""
@@ -188,9 +252,22 @@ class _Solver:
             scheme = self.schemes[disk]
             original = module.weight.detach().to(self._disk_dtype(disk), copy=True)  # exact: read from it
             result = self._gptq(original.float(), hessian.hessian, scheme, disk)
-            module.weight.data.copy_(result.dequantized.to(module.weight.dtype))
+            self._write(module.weight.data, result.dequantized.to(module.weight.dtype))
             out.append(_record(disk, original, result, scheme, hessian.tokens[0], None))
         return out
+
+    def write_deferred(self) -> None:
+        """Write back the dequantized weights held back until the layer's last solve."""
+        if self.deferred:
+            for target, value in self.deferred:
+                target.copy_(value)
+            self.deferred.clear()
+
+    def _write(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        if self.deferred is None:
+            target.copy_(value)
+        else:
+            self.deferred.append((target, value))
 
     def _expert_names(self, experts_prefix: str, param: str, module: Any) -> list[str]:
         """On-disk per-expert names (expert-major; gate before up) of the fused ``param``."""
@@ -199,8 +276,8 @@ class _Solver:
         return list(self.arch.experts.fused_shapes(self.arch.disk_name(f"{experts_prefix}.{param}"),
                                                    tuple(fused.shape)))
 
-    def _solve_experts(self, layer: nn.Module, prefix: str, site: str, module: Any, param: str, names: list[str],
-                       states: LayerStates) -> list[GptqWeight]:
+    def _solve_experts(self, site: str, module: Any, param: str, names: list[str],
+                       hessians: StagePasses) -> list[GptqWeight]:
         """Batched solves of the experts of ``param``, ``max_memory`` permitting all at once (gate and up rows
         together: GPTQ's rows are independent)."""
         configs = {self.schemes.get(n) for n in names}
@@ -209,26 +286,26 @@ class _Solver:
         scheme = self.schemes[names[0]]
         fused = getattr(module, param)
         experts, rows_total, columns = (int(d) for d in fused.shape)
-        chunk = experts_per_chunk(rows_total, columns, self.max_memory)
+        chunk = hessians.experts_per_chunk(rows_total, columns)
         per_name = len(names) // experts  # 2 (gate, up) or 1 (down)
         rows = rows_total // per_name
         out = []
-        pooled: HessianAccumulator | None = None  # every expert's inputs: the mean a starved expert leans on
         for first in range(0, experts, chunk):
             chosen = range(first, min(first + chunk, experts))
             self.on_step(f"{site} experts {first}-{chosen.stop - 1} of {experts}")
-            hessian, pooled = self._hessian(layer, prefix, site, states, chosen, pooled)
-            H, notes = self._starved_fallback(hessian.hessian, hessian.tokens, pooled)
+            hessian = hessians.get(site, chosen)
+            H, notes = self._starved_fallback(hessian.hessian, hessian.tokens, self.pooled.get(site))
             # kept for the report's error and the writer, in the checkpoint's dtype (exact: read from it)
             original = fused[first : chosen.stop].detach().to(self._disk_dtype(names[first * per_name]), copy=True)
             result = self._gptq(original.float(), H, scheme, names[first * per_name])
-            fused.data[first : chosen.stop] = result.dequantized.to(fused.dtype)
+            self._write(fused.data[first : chosen.stop], result.dequantized.to(fused.dtype))
             for i, part in enumerate(result.experts()):
                 e = first + i
                 for k, name in enumerate(names[e * per_name : (e + 1) * per_name]):
                     start, stop = k * rows, (k + 1) * rows
                     out.append(_record(name, original[i, start:stop], _slice_rows(part, start, stop), scheme,
                                        hessian.tokens[i], notes.get(i)))
+        self.pooled.pop(site, None)
         return out
 
     def _starved_fallback(self, H: torch.Tensor, tokens: list[int],
@@ -252,23 +329,24 @@ class _Solver:
             notes[e] = f"{n} tokens (< {k}): Hessian blended with the layer's mean expert Hessian"
         return H, notes
 
-    def _hessian(self, layer: nn.Module, prefix: str, site: str, states: LayerStates,
-                 experts: range | None = None, pooled: HessianAccumulator | None = None,
-                 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
-        """The Hessian of ``site``'s inputs over every batch (with the layer's already-quantized weights);
-        for an experts site, of the experts in ``experts`` only (indexed from its start), and the pooled
-        Hessian of every expert's inputs (accumulated in this pass unless ``pooled`` is given; None when
-        no expert can be starved)."""
+    def hessians(self, layer: nn.Module, prefix: str, requests: dict[str, range | None], *,
+                 states: LayerStates) -> dict[str, HessianAccumulator]:
+        """The Hessians of the sites in ``requests`` over every batch, in one pass (with the layer's weights as they
+        are now); for an experts site, of the experts in its range only (indexed from its start). An experts site's
+        first pass also pools every expert's inputs into ``self.pooled`` (the mean a starved expert leans on),
+        unless no expert can be starved."""
         accumulators: dict[str, HessianAccumulator] = {}
         can_starve = states.tokens < self.min_expert_tokens if self.all_experts else self.min_expert_tokens > 0
-        pool = pooled is None and experts is not None and can_starve
+        pooling = {site for site, experts in requests.items()
+                   if experts is not None and can_starve and site not in self.pooled}
 
         def add(name: str, num_experts: int, expert: int, x: torch.Tensor) -> None:
-            if pool and name == site:
-                if "pooled" not in accumulators:
-                    accumulators["pooled"] = HessianAccumulator(x.shape[-1], device=x.device)
-                accumulators["pooled"].add(x.float())
-            if name not in accumulators:  # before the chunk filter: a chunk of starved experts gets zeros
+            if name in pooling:
+                if name not in self.pooled:
+                    self.pooled[name] = HessianAccumulator(x.shape[-1], device=x.device)
+                self.pooled[name].add(x.float())
+            experts = requests[name]
+            if name not in accumulators:  # before the range filter: a chunk of starved experts gets zeros
                 count = len(experts) if experts is not None else num_experts
                 accumulators[name] = HessianAccumulator(x.shape[-1], count if num_experts > 1 else None,
                                                         device=x.device)
@@ -277,12 +355,14 @@ class _Solver:
             index = expert - experts.start if experts is not None else expert
             accumulators[name].add(x.float(), index if num_experts > 1 else None)
 
-        taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only={site})
+        taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only=set(requests))
         with taps.attach(prefix, layer):
             self.pipeline.run_layer(layer, states, on_batch=taps.next_batch)
-        if site not in accumulators:
-            raise QuantkitError(f"{site} received no calibration input")
-        return accumulators[site], accumulators.get("pooled", pooled)
+        self.passes += 1
+        for site in requests:
+            if site not in accumulators:
+                raise QuantkitError(f"{site} received no calibration input")
+        return accumulators
 
     def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, scheme: GptqConfig, name: str) -> GptqResult:
         """GPTQ with ``scheme``'s options; scales rounded to the on-disk dtype of ``name``."""
