@@ -24,8 +24,10 @@ SLACK_MB = 60  # allocator and sampling noise between two runs
 METHODS = {
     "absmax": ["--method", "absmax", "--bits", "4", "--group-size", "128"],
     "kquant-Q4_K": ["--method", "kquant", "--type", "Q4_K"],  # slow: the k-quant search takes minutes here
+    # slow: minutes per layer on 2 cores; the default budget (half the available memory) holds all 32 experts
+    "gptq": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--num-samples", "8", "--seq-len", "128"],
 }
-SLOW = {"kquant-Q4_K"}
+SLOW = {"kquant-Q4_K", "gptq"}
 
 
 @pytest.fixture(scope="module")
