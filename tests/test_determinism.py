@@ -24,12 +24,13 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load
 from typer.testing import CliRunner
 
 from quantkit.cli import app
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
-from quantkit.outputs import CALIBRATION_FILE, REPORT_FILE
+from quantkit.outputs import CALIBRATION_FILE, REPORT_FILE, save_safetensors
 from quantkit.report.volatile import CALIBRATION_VOLATILE, EVAL_VOLATILE, REPORT_VOLATILE, without_volatile
 from tests.test_byte_identity import CALIB_WINDOWS, CASES
 
@@ -200,3 +201,20 @@ def test_every_byte_identity_case_is_the_same_in_a_fresh_process(name: str, inpu
     disturb_global_state()
     assert_same(name, first, run_here(inputs, run, tmp_path / "second"))
     assert_same(name, first, run_fresh(inputs, run, tmp_path / "fresh"))
+
+
+def test_safetensors_metadata_is_written_in_one_order(tmp_path: Path) -> None:
+    """safetensors writes ``__metadata__`` in a random order per save; quantkit's writer sorts it (same bytes)."""
+    metadata = {"version": "1", "format": "quantkit-calibration", "quoted \"ü\"": "a\nb", "z": ""}
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7], dtype=torch.int64)}
+    digests = set()
+    for i in range(12):
+        path = tmp_path / f"{i}.safetensors"
+        save_safetensors(tensors, path, metadata)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        with safe_open(str(path), "pt") as file:
+            assert file.metadata() == metadata
+            assert all(torch.equal(file.get_tensor(k), v) for k, v in tensors.items())
+    assert len(digests) == 1
+    header = path.read_bytes()[8:]
+    assert header.startswith(b'{"__metadata__":{"format":"quantkit-calibration","quoted')
