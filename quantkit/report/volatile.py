@@ -14,7 +14,8 @@ REPORT_VOLATILE: dict[str, str] = {
     "model": "the model's path or hub id as given on the command line",
     "output": "where the run wrote",
     "command": "the command line, which names the paths",
-    "versions": "the versions of quantkit, Python, torch, transformers, safetensors and the platform",
+    "versions": "the versions of quantkit, Python, torch, transformers, safetensors, the platform and the thread "
+                "count",
     "wall_time_s": "the run's time",
     "peak_rss_mb": "the process's peak memory, which depends on what it did before (other runs in one process)",
     "seconds": "the time of each GPTQ layer",
