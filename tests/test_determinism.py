@@ -68,8 +68,8 @@ RUNS: dict[str, Run] = {
                                   *TEXT_WINDOWS, *QUANTIZE_OUT), model="lm", fresh=True),
     "gptq-v1-w4-g16": Run(("quantize", "--method", "gptq", "--bits", "4", "--group-size", "16", "--format", "gptq-v1",
                            *TEXT_WINDOWS, *QUANTIZE_OUT), model="lm"),
-    "calibrate-imatrix-plots": Run(("calibrate", *TEXT_WINDOWS, "--plot", "*", "--imatrix-out", "{root}/imatrix.gguf",
-                                    "--out", "{root}/calib"), model="lm", fresh=True),
+    "calibrate-imatrix-plots": Run(("calibrate", *TEXT_WINDOWS, "--plot", "*layers.0.*", "--imatrix-out",
+                                    "{root}/imatrix.gguf", "--out", "{root}/calib"), model="lm", fresh=True),
     "eval-perplexity-kl": Run(("eval", "perplexity", "--base", "{base}", "--dataset", "{text}", "--seq-len", "32",
                                "--save", "{root}/" + RESULTS_FILE), model="lm"),
 }
