@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -82,12 +83,33 @@ def check_target(out: Path, reads: Sequence[str | Path] = ()) -> Path:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, with a full disk or a missing permission as an :class:`EnvironmentFault`."""
+    """``safetensors.torch.save_file``, with a full disk or a missing permission as an :class:`EnvironmentFault`,
+    and the metadata in sorted order (see :func:`_sort_metadata`)."""
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         reason = re.sub(r"^Error while serializing: (I/O error: )?", "", str(exc)).strip()
         raise EnvironmentFault(f"cannot write {path.name} in {path.parent}: {reason}") from None
+    if metadata is not None and len(metadata) > 1:
+        _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` of the safetensors file ``path`` with its keys sorted, in place.
+
+    safetensors (0.8) serializes the metadata from a Rust ``HashMap``, in an order that changes from one
+    save to the next (safetensors issue 584), so two identical saves differ in bytes. The sorted object
+    has the same length; the header is left as it is unless it starts with the object as Python spells it.
+    """
+    with path.open("r+b") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = file.read(size)
+        metadata = json.loads(header)["__metadata__"]
+        written, canonical = (b'{"__metadata__":' + json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode()
+                              for m in (metadata, dict(sorted(metadata.items()))))
+        if header.startswith(written) and written != canonical:
+            file.seek(8)
+            file.write(canonical)
 
 
 def file_mode() -> int:

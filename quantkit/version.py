@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 def versions() -> dict[str, str]:
-    """quantkit, Python, torch, transformers, safetensors and the platform, as reports record them."""
+    """quantkit, Python, torch, transformers, safetensors, the platform and torch's thread count, as reports
+    record them (the thread count changes the bytes of GPTQ and calibration: docs/determinism.md)."""
     import safetensors  # deferred: heavy, and `import quantkit` stays cheap
     import torch
     import transformers
@@ -21,4 +22,5 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
         "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
     }

@@ -3,7 +3,8 @@
 Restructuring code must not change what quantkit writes. Each case below runs the CLI (the surface that
 stays stable while the code behind it moves) on the demo model or a tiny model of every architecture,
 then hashes every written file; the report is hashed with its run-specific fields (paths, timings,
-versions, command line) removed. ``tests/golden/output_manifest.json`` holds the hashes.
+versions, command line: ``quantkit.report.volatile.REPORT_VOLATILE``) removed.
+``tests/golden/output_manifest.json`` holds the hashes.
 
 Cases that involve forward passes (GPTQ, calibration statistics, static activation scales, k-quant
 importance) depend on the float kernels of the machine; the manifest records the torch version and the
@@ -30,14 +31,13 @@ from typer.testing import CliRunner
 
 from quantkit.cli import app
 from quantkit.model.checkpoint import DEMO_MODEL_DIR
+from quantkit.report.volatile import without_volatile
 from tests.conftest import ARCH_CONFIGS
 
 MANIFEST = Path(__file__).parent / "golden" / "output_manifest.json"
 UPDATE = os.environ.get("QUANTKIT_UPDATE_MANIFEST") == "1"
 CALIB_WINDOWS = ("--num-samples", "8", "--seq-len", "64")  # the bundled calibration text
 GGUF_ARCHS = ("llama", "deepseek_v2", "deepseek_v3", "qwen2_moe")
-# report fields that name this run rather than what it wrote
-VOLATILE = {"model", "output", "command", "versions", "wall_time_s", "peak_rss_mb", "seconds", "path", "notes"}
 
 
 @dataclass(frozen=True)
@@ -128,17 +128,9 @@ def file_hashes(out: Path, gguf: bool) -> dict[str, str]:
         name = file.name if gguf else str(file.relative_to(out))
         data = file.read_bytes()
         if file.name.endswith("quantkit_report.json"):
-            data = json.dumps(_normalised(json.loads(data)), sort_keys=True).encode()
+            data = json.dumps(without_volatile(json.loads(data)), sort_keys=True).encode()
         hashes[name] = hashlib.sha256(data).hexdigest()
     return hashes
-
-
-def _normalised(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_normalised(v) for v in value]
-    return value
 
 
 def run_case(case: Case, models: dict[str, Path], calibration: Path, out: Path) -> dict[str, str]:
