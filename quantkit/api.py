@@ -67,8 +67,9 @@ class QuantizeOptions:
     (``quantkit.formats.output.OUTPUT_FORMATS``): ``compressed-tensors`` (pack-quantized), ``gptq-v1`` (GPTQ
     only), ``ggml`` (k-quant blocks in safetensors) or ``gguf`` (one llama.cpp file at ``out``); ``auto`` picks
     ``ggml`` for k-quants, else ``compressed-tensors``. ``max_memory`` (bytes) bounds how many experts GPTQ
-    solves at once; None: half the memory available when a layer's experts are solved. ``true_sequential=False`` takes each layer's GPTQ Hessians in one pass over its float
-    weights instead of after its earlier weights are quantized (fewer passes, usually a little worse).
+    solves at once; None: half the memory available when a layer's experts are solved.
+    ``true_sequential=False`` takes each layer's GPTQ Hessians in one pass over its float weights instead
+    of after its earlier weights are quantized (fewer passes, usually a little worse).
     """
 
     overwrite: bool = False  # replace ``out`` if it is a previous quantkit output (never anything else)

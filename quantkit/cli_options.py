@@ -164,8 +164,7 @@ class GptqOptions(OptionGroup):
     damp: Annotated[float | None, typer.Option("--damp", help="GPTQ: dampening, fraction of mean diag(H).")] = None
     block_size: Annotated[int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")] = None
     max_memory: Annotated[
-        str | None, typer.Option("--max-memory", help="GPTQ: memory for experts solved at once, e.g. 4GB; "
-                                                      "default: half the available memory.")
+        str | None, typer.Option("--max-memory", help="GPTQ: memory for experts at once (default: half available).")
     ] = None
     true_sequential: Annotated[
         bool, typer.Option("--true-sequential/--no-true-sequential",
