@@ -28,7 +28,7 @@ from quantkit.formats.output import (
     WrittenWeights,
     resolve_output_format,
 )
-from quantkit.gptq.sequential import LayerResult, gptq_layers
+from quantkit.gptq.sequential import GptqWeight, LayerResult, gptq_layers
 from quantkit.inspection import expert_coverage, inspect
 from quantkit.kquants import BLOCK_FORMATS
 from quantkit.model.archs.base import LINEAR_ROLES, Role
@@ -146,6 +146,14 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
         elif item.name.endswith(".weight") and item.role in LINEAR_ROLES:
             written.float_linears.append(item.module)
 
+    def write_gptq(weights: list[GptqWeight]) -> None:
+        for result in weights:
+            item = hessian_items[result.name]
+            record = _write_tensor(item, result.original, writer, fmt, result.quantized)
+            record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
+                           "tokens": result.tokens, "fallback": result.fallback}
+            finish(item, result.original, record)
+
     if gptq_data is not None:
         check_all_finite(checkpoint, options.show_progress, options.console)
     with atomic_directory(out, options.overwrite, reads=reads, notes=report.notes) as tmp:
@@ -155,12 +163,8 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
             for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
                                            "weights": len(layer.weights)})
-                for result in layer.weights:
-                    item = hessian_items[result.name]
-                    record = _write_tensor(item, result.original, writer, fmt, result.quantized)
-                    record.gptq = {"loss": result.loss, "damp": result.damp, "retries": result.retries,
-                                   "tokens": result.tokens, "fallback": result.fallback}
-                    finish(item, result.original, record)
+                write_gptq(layer.weights)
+                layer.weights.clear()  # its originals and codes go now, not after the next layer is solved
             report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len, "seed": gptq_data.seed,
                            "dataset": gptq_data.dataset or "bundled default", "all_experts": gptq_data.all_experts,
                            "min_expert_tokens": gptq_data.min_expert_tokens}

@@ -119,7 +119,7 @@ def gptq_layers(
         solver.write_deferred()
         states.hidden = _quantized_outputs(pipeline, layer, prefix, states).hidden
         pipeline.release(layer)
-        weights = [w for name in sites for w in solved[name]]
+        weights = [w for name in sites for w in solved.pop(name)]  # the only reference: the writer frees them
         yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages)
     head = pipeline.output_head_name()
     if head is not None and pipeline.arch.disk_name(f"{head}.weight") in schemes:
