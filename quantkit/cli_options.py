@@ -9,9 +9,8 @@ commands: parse, build, call the API, print.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -272,7 +271,7 @@ class QuantizeDataOptions(OptionGroup):
             return None
         base = (settings_of(load_calibration(self.calibration), trust_remote_code) if self.calibration is not None
                 else CalibrationSettings(trust_remote_code=trust_remote_code, seed=seed))
-        return dataclasses.replace(base, device=device)
+        return replace(base, device=device)
 
 
 @dataclass(frozen=True)
