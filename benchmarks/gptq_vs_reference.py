@@ -57,7 +57,8 @@ from quantkit.eval.windows import Window, make_windows
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.tokenizer import load_tokenizer
 from quantkit.recipe import get_preset
-from quantkit.schemes.gptq_solver import gptq_quantize
+from quantkit.schemes.gptq import GptqConfig
+from quantkit.schemes.gptq_solver import GROUP_FITS, gptq_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "stories260K"
@@ -65,10 +66,16 @@ TEXT = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_val.txt"
 RESULTS = ROOT / "benchmarks" / "results" / "gptq_vs_reference.json"
 REFERENCE_ENV = "QUANTKIT_GPTQ_REFERENCE"
 EVAL_SEQ_LEN = 512
+DEFAULT_GROUP_FIT = GptqConfig("gptq").group_fit  # results before 2026-12-06 used "current" under impl "quantkit"
 # llama.py's true-sequential groups: the linears of a group share one Hessian pass
 SEQUENTIAL = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"],
               ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]
-SETTINGS = [(bits, group, act_order) for bits in (4, 3) for group in (None, 48) for act_order in (False, True)]
+Setting = tuple[int, int | None, bool]  # bits, group size (None: per channel), act-order
+
+
+def settings_for(group_size: int) -> list[Setting]:
+    """Bits 4 and 3, per channel and in groups of ``group_size``, act-order off and on."""
+    return [(bits, group, act) for bits in (4, 3) for group in (None, group_size) for act in (False, True)]
 
 
 def setting_name(bits: int, group: int | None, act_order: bool) -> str:
@@ -179,8 +186,8 @@ def add_batch(solver: Any) -> Any:
 
 
 @torch.no_grad()
-def same_hessian_errors(model: Any, input_ids: torch.Tensor, gptq: ModuleType,
-                        quant: ModuleType) -> dict[str, dict[str, Any]]:
+def same_hessian_errors(model: Any, input_ids: torch.Tensor, gptq: ModuleType, quant: ModuleType,
+                        settings: list[Setting]) -> dict[str, dict[str, Any]]:
     """Both solvers on the same Hessians (the float model's inputs, no sequential update), per setting:
     the summed output error ``tr((W - Q) H (W - Q)^T)`` over the 35 weights of quantkit, the reference and
     RTN, and on how many weights quantkit's is at most the reference's."""
@@ -199,13 +206,15 @@ def same_hessian_errors(model: Any, input_ids: torch.Tensor, gptq: ModuleType,
     for handle in handles:
         handle.remove()
     out: dict[str, dict[str, Any]] = {}
-    for bits, group, act_order in SETTINGS:
-        errors = {"quantkit": 0.0, "reference": 0.0, "rtn": 0.0}
+    for bits, group, act_order in settings:
+        errors = {"quantkit": 0.0, "quantkit-current": 0.0, "reference": 0.0, "rtn": 0.0}
         at_most = 0
         for name, module in linears.items():
             H, W = sums[name], module.weight.detach()
             ours = gptq_quantize(W, H.float(), bits=bits, group_size=group, act_order=act_order,
                                  scale_dtype=torch.float32).dequantized
+            current = gptq_quantize(W, H.float(), bits=bits, group_size=group, act_order=act_order,
+                                    scale_dtype=torch.float32, group_fit="current").dequantized
             nearest = gptq_quantize(W, torch.eye(W.shape[1]), bits=bits, group_size=group,
                                     scale_dtype=torch.float32).dequantized
             linear = nn.Linear(W.shape[1], W.shape[0], bias=False)
@@ -217,7 +226,8 @@ def same_hessian_errors(model: Any, input_ids: torch.Tensor, gptq: ModuleType,
             with cpu_only_reference():
                 solver.fasterquant(percdamp=0.01, groupsize=group or -1, actorder=act_order)
             error = {impl: float(((W - Q).double() @ H * (W - Q).double()).sum())
-                     for impl, Q in (("quantkit", ours), ("reference", linear.weight.data), ("rtn", nearest))}
+                     for impl, Q in (("quantkit", ours), ("quantkit-current", current),
+                                     ("reference", linear.weight.data), ("rtn", nearest))}
             errors = {impl: errors[impl] + error[impl] for impl in errors}
             at_most += error["quantkit"] <= error["reference"]
         out[setting_name(bits, group, act_order)] = {**errors, "quantkit_at_most_reference": at_most,
@@ -252,11 +262,11 @@ def scores(model: Any, float_model: Any, windows: list[Window]) -> dict[str, flo
 
 
 def run_quantkit(method: str, bits: int, group: int | None, act_order: bool, data: CalibrationSettings | None,
-                 out: Path) -> tuple[Any, float]:
+                 out: Path, group_fit: str = DEFAULT_GROUP_FIT) -> tuple[Any, float]:
     """quantkit's output for one setting, loaded back by its loader, and the quantize seconds."""
     changes: dict[str, Any] = {"method": method, "bits": bits, "group_size": group or -1}
     if method == "gptq":
-        changes["act_order"] = act_order
+        changes.update(act_order=act_order, group_fit=group_fit)
     started = time.perf_counter()
     report = quantize(MODEL, get_preset("int8").with_default(**changes), out,
                       options=QuantizeOptions(data=data, show_progress=False, overwrite=True))
@@ -285,13 +295,18 @@ def main() -> None:
                         help="quantkit's calibration batch (the reference runs one window at a time)")
     parser.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 512 tokens scored")
     parser.add_argument("--only", nargs="+", help="setting names to run, e.g. w3-g48-act")
+    parser.add_argument("--group-fit", nargs="+", choices=GROUP_FITS, default=[DEFAULT_GROUP_FIT],
+                        help=f"quantkit's group-fit rules to run (impl 'quantkit' for {DEFAULT_GROUP_FIT}, the "
+                        "default and the reference's rule; 'quantkit-current' for current)")
+    parser.add_argument("--group-size", type=int, default=48, help="the grouped settings' group size")
+    parser.add_argument("--skip-reference", action="store_true", help="run quantkit and RTN only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args()
     gptq, quant = import_reference(args.reference)
     if not MODEL.is_dir() or not TEXT.is_file():
         sys.exit(f"{MODEL} or {TEXT} not found: this benchmark needs ../shared beside the repo")
     torch.set_num_threads(args.threads)
-    settings = [s for s in SETTINGS if not args.only or setting_name(*s) in args.only]
+    settings = [s for s in settings_for(args.group_size) if not args.only or setting_name(*s) in args.only]
     runs: list[dict[str, Any]] = []
 
     def record(**row: Any) -> None:
@@ -305,7 +320,8 @@ def main() -> None:
         checkpoint = Checkpoint.open(MODEL)
         first = CalibrationSettings(dataset=str(calibration), num_samples=args.num_samples, seq_len=args.seq_len,
                                     seed=args.seeds[0])
-        same_hessian = same_hessian_errors(float_model, windows_for(checkpoint, first).input_ids, gptq, quant)
+        same_hessian = same_hessian_errors(float_model, windows_for(checkpoint, first).input_ids, gptq, quant,
+                                           settings)
         print(json.dumps({"same_hessian": same_hessian}), flush=True)
         for bits, group, act_order in settings:
             name = setting_name(bits, group, act_order)
@@ -316,15 +332,18 @@ def main() -> None:
             for seed in args.seeds:
                 data = CalibrationSettings(dataset=str(calibration), num_samples=args.num_samples,
                                            seq_len=args.seq_len, seed=seed, batch_size=args.batch_size)
-                model, seconds = run_quantkit("gptq", bits, group, act_order, data, Path(tmp) / "q")
-                record(setting=name, impl="quantkit", seed=seed, threads=args.threads, seconds=seconds,
-                       **scores(model, float_model, windows))
+                for group_fit in args.group_fit:
+                    model, seconds = run_quantkit("gptq", bits, group, act_order, data, Path(tmp) / "q", group_fit)
+                    record(setting=name, impl="quantkit" + ("" if group_fit == DEFAULT_GROUP_FIT else f"-{group_fit}"),
+                           seed=seed, threads=args.threads, seconds=seconds, **scores(model, float_model, windows))
                 if args.thread_check and seed == args.seeds[0]:
                     torch.set_num_threads(args.thread_check)
                     model, seconds = run_quantkit("gptq", bits, group, act_order, data, Path(tmp) / "q")
                     torch.set_num_threads(args.threads)
                     record(setting=name, impl="quantkit", seed=seed, threads=args.thread_check,
                            seconds=seconds, **scores(model, float_model, windows))
+                if args.skip_reference:
+                    continue
                 reference = copy.deepcopy(float_model)
                 started = time.perf_counter()
                 with cpu_only_reference():
@@ -370,9 +389,9 @@ def markdown_table(table: dict[str, dict[str, Any]]) -> str:
             return f"{stats['mean']:.{digits}f}"
         return f"{stats['mean']:.{digits}f} ({stats['min']:.{digits}f}–{stats['max']:.{digits}f})"
 
-    impls = ("quantkit", "reference", "rtn")
+    impls = ("quantkit", "quantkit-current", "reference", "rtn")
     lines = ["| setting | " + " | ".join(f"{i} ppl" for i in impls) + " | " + " | ".join(f"{i} KL" for i in impls)
-             + " |", "|---" + "|---:" * 6 + "|"]
+             + " |", "|---" + "|---:" * 2 * len(impls) + "|"]
     for name, row in table.items():
         rtn = table.get(name.removesuffix("-act"), {}).get("rtn")
         stats = {**row, "rtn": rtn}

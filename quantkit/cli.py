@@ -15,17 +15,11 @@ from quantkit.cli_options import (
     DeviceOpt,
     EvalModelArg,
     EvalOptions,
-    GptqOptions,
     JsonOpt,
-    KquantOptions,
     ModelArg,
     OutputOptions,
     QuantizeDataOptions,
-    RangeOptions,
-    RecipeOptions,
-    SchemeOptions,
     TrustRemoteCodeOpt,
-    build_recipe,
     quantize_options,
 )
 from quantkit.cli_output import (
@@ -37,6 +31,7 @@ from quantkit.cli_output import (
     print_preset_rules,
     print_presets,
 )
+from quantkit.cli_recipe import GptqOptions, KquantOptions, RangeOptions, RecipeOptions, SchemeOptions, build_recipe
 from quantkit.cli_values import command_line, parse_percent
 
 app = typer.Typer(

@@ -22,6 +22,7 @@ from quantkit.model.archs.base import Role
 from quantkit.ranges.selectors import RANGE_SELECTORS
 from quantkit.schemes import SCHEMES
 from quantkit.schemes.config import ACTIVATION_MODES, MAX_BITS, MIN_BITS, WEIGHT_CLIPS, Granularity, RangeMode
+from quantkit.schemes.gptq_solver import GROUP_FITS
 
 RECIPE_VERSION = 1
 MAX_RECIPE_BYTES = 1_000_000
@@ -121,6 +122,9 @@ SCHEME_FIELDS: tuple[SchemeField, ...] = (
     SchemeField("damp", "number", "Dampening added to the Hessian diagonal, as a fraction of its mean.",
                 interval=Interval(0, 1, open_low=True, open_high=True)),
     SchemeField("block_size", "int", "Columns per lazy batch update.", interval=Interval(1)),
+    SchemeField("group_fit", "str", "GPTQ: fit a group that starts inside a block of columns to the weights as the "
+                "block started (`block-start`, the IST-DASLab reference's rule) or to its `current` weights.",
+                choices=GROUP_FITS),
     SchemeField("ggml_type", "str", "One ggml block type for every weight (ternary: `TQ1_0` or `TQ2_0`, the GGUF "
                 "block type, default `TQ2_0`).", choices=BLOCK_FORMATS, nullable=True),
     SchemeField("kquant_preset", "str", "The llama.cpp preset choosing each tensor's block type.",

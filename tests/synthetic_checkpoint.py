@@ -7,7 +7,11 @@ memory, so a checkpoint larger than RAM can be built. Presets:
 - ``qwen3-30b-a3b``: Qwen3-30B-A3B's layer (hidden 2048, 128 experts of width 768, top-8), bf16;
 - ``deepseek-v3``: DeepSeek-V3's layer shape scaled in expert count (MLA, one shared expert, dense first layer).
 
-    python -m tests.synthetic_checkpoint OUT --preset qwen3-30b-a3b --layers 2 [--experts 32]
+``--fp8`` writes the official DeepSeek-V3 FP8 layout: every decoder linear (not the router) as
+``float8_e4m3fn`` in 128x128 blocks with a float32 ``<name>_scale_inv`` (block amax / 448), and the fp8
+``quantization_config`` in config.json.
+
+    python -m tests.synthetic_checkpoint OUT --preset qwen3-30b-a3b --layers 2 [--experts 32] [--fp8]
 """
 
 from __future__ import annotations
@@ -51,11 +55,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 EXPERT_KEYS = {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+FP8_BLOCK = (128, 128)
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": list(FP8_BLOCK)}
+FP8_MAX = 448.0  # the largest float8_e4m3fn
 
 
 def build(out: Path, preset: str, layers: int, experts: int | None = None, vocab: int | None = None,
-          seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a checkpoint of ``layers`` decoder layers to ``out``: one shard per decoder layer plus one for the rest."""
+          seed: int = 0, dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> Path:
+    """Write a checkpoint of ``layers`` decoder layers to ``out``: one shard per decoder layer plus one for the rest.
+
+    With ``fp8`` the decoder linears are written in DeepSeek-V3's block-scaled FP8 layout (module docstring).
+    """
     import transformers
 
     settings = dict(PRESETS[preset])
@@ -74,6 +85,8 @@ def build(out: Path, preset: str, layers: int, experts: int | None = None, vocab
     arch = get_arch(model_type)
     shapes = arch.disk_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()})
     out.mkdir(parents=True, exist_ok=False)
+    if fp8:
+        config.quantization_config = FP8_CONFIG
     config.save_pretrained(out)
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
@@ -85,7 +98,13 @@ def build(out: Path, preset: str, layers: int, experts: int | None = None, vocab
     files = sorted(groups)
     for i, group in enumerate(files):
         file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        tensors = {name: _random(name, shape, generator, dtype) for name, shape in groups[group].items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape in groups[group].items():
+            weight = _random(name, shape, generator, dtype)
+            if fp8 and _is_fp8(name):
+                tensors[name], tensors[f"{name}_scale_inv"] = to_fp8_blocks(weight)
+            else:
+                tensors[name] = weight
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
@@ -107,6 +126,24 @@ def _random(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype
     return (std * torch.randn(shape, generator=generator)).to(dtype)
 
 
+def _is_fp8(name: str) -> bool:
+    """DeepSeek-V3's FP8 tensors: every linear of the decoder layers (attention, MLP, experts), not the router."""
+    return name.startswith("model.layers.") and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+def to_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` ``[rows, cols]`` as float8_e4m3fn codes and float32 ``scale_inv`` per 128x128 block (amax / 448)."""
+    rows, cols = weight.shape
+    bm, bn = FP8_BLOCK
+    padded = torch.zeros(-(-rows // bm) * bm, -(-cols // bn) * bn, dtype=torch.float32)
+    padded[:rows, :cols] = weight
+    blocks = padded.view(padded.shape[0] // bm, bm, padded.shape[1] // bn, bn)
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+    scale[scale == 0] = 1.0
+    codes = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(padded.shape)[:rows, :cols]
+    return codes.contiguous(), scale
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -115,8 +152,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=None, help="routed experts per layer (default: real)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the real model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp8", action="store_true", help="DeepSeek-V3's block-scaled FP8 layout for the linears")
     args = parser.parse_args()
-    path = build(args.out, args.preset, args.layers, args.experts, args.vocab, args.seed)
+    path = build(args.out, args.preset, args.layers, args.experts, args.vocab, args.seed, fp8=args.fp8)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"wrote {path} ({size / 1e9:.2f} GB)")
 

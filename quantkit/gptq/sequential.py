@@ -370,7 +370,7 @@ class _Solver:
             weight, hessian, bits=scheme.bits, group_size=scheme.group_size if scheme.granularity == "group" else None,
             symmetric=scheme.symmetric, act_order=scheme.act_order, static_groups=scheme.static_groups,
             block_size=scheme.block_size, damp=scheme.damp, mse_clip=scheme.clip == "mse",
-            scale_dtype=self.scale_dtype or self._disk_dtype(name), name=name,
+            scale_dtype=self.scale_dtype or self._disk_dtype(name), group_fit=scheme.group_fit, name=name,
         )
 
     def _disk_dtype(self, name: str) -> torch.dtype:

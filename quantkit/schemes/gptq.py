@@ -15,7 +15,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.schemes.base import SCHEMES, IntQuantized, Scheme
 from quantkit.schemes.config import IntConfig
-from quantkit.schemes.gptq_solver import gptq_quantize
+from quantkit.schemes.gptq_solver import GROUP_FITS, gptq_quantize
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class GptqConfig(IntConfig):
     static_groups: bool = False  # group parameters fixed before the act-order permutation
     damp: float = 0.01  # dampening added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128  # columns per lazy batch update
+    group_fit: str = "block-start"  # a group fitted to its block's start weights (the reference's) or its current ones
 
     @property
     def writes_zero_points(self) -> bool:
@@ -34,7 +35,8 @@ class GptqConfig(IntConfig):
 
     def _grid_details(self) -> str:
         details = (", sym" if self.symmetric else "") + (", act-order" if self.act_order else "")
-        return details + (", static groups" if self.static_groups else "")
+        details += ", static groups" if self.static_groups else ""
+        return details + (", groups fitted to current weights" if self.group_fit == "current" else "")
 
     def validate(self) -> None:
         super().validate()
@@ -42,6 +44,8 @@ class GptqConfig(IntConfig):
             raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise QuantkitError(f"block size must be positive, got {self.block_size}")
+        if self.group_fit not in GROUP_FITS:
+            raise QuantkitError(f"group_fit must be one of {', '.join(GROUP_FITS)}, got {self.group_fit!r}")
 
 
 class GptqScheme(Scheme[GptqConfig]):
@@ -54,7 +58,7 @@ class GptqScheme(Scheme[GptqConfig]):
         result = gptq_quantize(
             weight, torch.eye(weight.shape[1]), bits=config.bits,
             group_size=config.group_size if config.granularity == "group" else None, symmetric=config.symmetric,
-            block_size=config.block_size, damp=config.damp, mse_clip=config.clip == "mse",
+            block_size=config.block_size, damp=config.damp, mse_clip=config.clip == "mse", group_fit=config.group_fit,
         )
         return IntQuantized(codes=result.codes, scale=result.scale, zero_point=result.zero_point, config=config)
 

@@ -8,11 +8,6 @@ block is sequential, as in the reference.
 
 Departures from the reference, all deliberate:
 
-- Group parameters are computed from the *current* weights of the group: the reference reads ``W``,
-  which lacks the updates made earlier in the same block whenever a group starts inside a block
-  (group size below the block size). Blocks are shortened when needed so that every group lies within
-  one block or starts at a block start (the lazy update is exact algebra; the block size only changes
-  floating-point rounding).
 - Per-channel parameters (no groups) are taken after dead columns are zeroed (the reference takes them
   from the original weight, dead columns included).
 - The scale is rounded to its storage dtype and ``Q`` dequantized in that dtype before the error feedback
@@ -22,6 +17,13 @@ Departures from the reference, all deliberate:
 - A Cholesky failure (H not positive definite) is retried with 10x the dampening, up to
   :data:`MAX_RETRIES` times, per expert.
 - Act-order sorts stably, so equal Hessian diagonals keep their column order.
+
+Where a group starts inside a block of columns, the reference fits its parameters to ``W``, which lacks
+the updates made earlier in that block (and, for a group reaching past the block, all of the block's
+updates). That is the default, ``group_fit="block-start"``. ``group_fit="current"`` fits each group to
+its current weights instead, shortening blocks so that no group crosses one (the lazy update is exact
+algebra; the block size only changes rounding): a lower layer-wise error, but not a better model on
+every setting (docs/benchmarks.md, "which weights a group is fitted to").
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from quantkit.schemes.grid import Grid
 
 MAX_RETRIES = 4
 RETRY_FACTOR = 10
+GROUP_FITS = ("block-start", "current")  # the weights a group's parameters are fitted to
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,17 @@ def gptq_quantize(
     damp: float = 0.01,
     mse_clip: bool = False,
     scale_dtype: torch.dtype | None = None,
+    group_fit: str = "block-start",
     name: str = "weight",
 ) -> GptqResult:
     """Quantize ``weight`` ``[out, in]`` (or ``[E, out, in]``) by GPTQ with its Hessian ``[in, in]`` (``[E, in, in]``).
 
-    ``scale_dtype`` defaults to the weight's storage dtype; ``name`` names the weight in errors.
+    ``scale_dtype`` defaults to the weight's storage dtype; ``group_fit`` is ``"block-start"`` (the
+    reference's rule) or ``"current"`` (see the module docstring); ``name`` names the weight in errors.
     """
     _check(weight, hessian, bits, group_size, block_size, name)
+    if group_fit not in GROUP_FITS:
+        raise QuantkitError(f"{name}: GPTQ group fit must be one of {', '.join(GROUP_FITS)}, got {group_fit!r}")
     batched = weight.ndim == 3
     W = (weight if batched else weight.unsqueeze(0)).to(torch.float32, copy=True)  # (E, rows, columns)
     H = (hessian if batched else hessian.unsqueeze(0)).to(torch.float32, copy=True)  # (E, columns, columns)
@@ -166,9 +173,13 @@ def gptq_quantize(
 
     codes = torch.empty(Wt.shape, dtype=torch.int8, device=Wt.device)  # (E, columns, rows)
     row_loss = torch.zeros(experts, rows, device=Wt.device)
-    block = _block_columns(block_size, None if static else group_size)
+    block_start = group_fit == "block-start" and group_size is not None and not static
+    block = block_size if block_start else _block_columns(block_size, None if static else group_size)
     for i1 in range(0, columns, block):  # ref: for i1 in range(0, self.columns, blocksize)
         i2 = min(i1 + block, columns)
+        # the reference's W: the block's columns (and a group reaching past it) as they were at the block's start
+        started = Wt[:, i1 : i2 + group].clone() if block_start else Wt
+        offset = i1 if block_start else 0
         W1 = Wt[:, i1:i2]  # a view (ref: W[:, i1:i2].clone()), so Wt holds the current weights of the block
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
@@ -180,7 +191,8 @@ def gptq_quantize(
             else:
                 k = column // group
                 if column % group == 0:  # ref: self.quantizer.find_params(W[:, (i1 + i):(i1 + i + groupsize)])
-                    group_scale, group_zero = _group_params(grid, Wt[:, column : column + group].transpose(1, 2), group)
+                    fitted = started[:, column - offset : column - offset + group]
+                    group_scale, group_zero = _group_params(grid, fitted.transpose(1, 2), group)
                     scale[..., k : k + 1] = group_scale
                     if zero is not None and group_zero is not None:
                         zero[..., k : k + 1] = group_zero

@@ -356,19 +356,32 @@ def test_fidelity_bar(case: str) -> None:
     assert output_error(weight, ours.dequantized, x) / baseline == pytest.approx(FORMATS_RATIOS[case], rel=0.05)
 
 
-def test_groups_inside_a_block_use_current_weights() -> None:
-    """g32 in blocks of 128: our group parameters include the in-block updates, which the reference misses.
+def test_current_group_fit_uses_the_in_block_updates() -> None:
+    """g32 in blocks of 128: ``group_fit="current"`` includes the in-block updates, which the reference misses.
 
     With blocks of 32 the reference sees the current weights too; the block size is only floating-point rounding.
     """
     _, weight, hessian = fidelity_layer()
-    ours = gptq_quantize(weight, hessian, bits=4, group_size=32, act_order=True, scale_dtype=torch.float32)
+    ours = gptq_quantize(weight, hessian, bits=4, group_size=32, act_order=True, scale_dtype=torch.float32,
+                         group_fit="current")
     _, stale_codes, stale_loss = ref_gptq(weight, hessian, 4, groupsize=32, actorder=True)
     _, current_codes, current_loss = ref_gptq(weight, hessian, 4, groupsize=32, actorder=True, blocksize=32)
     assert float(((stale_codes - 8).to(torch.int8) != ours.codes).float().mean()) > 0.1
     assert float(((current_codes - 8).to(torch.int8) != ours.codes).float().mean()) < 1e-3
     assert float(ours.loss) == pytest.approx(current_loss, rel=1e-4)
     assert float(ours.loss) < stale_loss
+
+
+@pytest.mark.parametrize("group_size", [32, 48])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_block_start_group_fit_is_the_reference_rule(group_size: int, act_order: bool) -> None:
+    """The default, ``group_fit="block-start"``, fits a group starting inside a block to the block's start weights."""
+    _, weight, hessian = fidelity_layer()
+    ours = gptq_quantize(weight, hessian, bits=4, group_size=group_size, act_order=act_order,
+                         scale_dtype=torch.float32)
+    _, ref_codes, ref_loss = ref_gptq(weight, hessian, 4, groupsize=group_size, actorder=act_order)
+    assert float(((ref_codes - 8).to(torch.int8) != ours.codes).float().mean()) < 1e-3
+    assert float(ours.loss) == pytest.approx(ref_loss, rel=1e-4)
 
 
 # --- Edge cases and options (a smaller layer: 64 x 256)
@@ -483,6 +496,8 @@ def test_rejects_bad_inputs() -> None:
         gptq_quantize(weight, hessian[:128, :128], bits=4)
     with pytest.raises(QuantkitError, match="bits"):
         gptq_quantize(weight, hessian, bits=1)
+    with pytest.raises(QuantkitError, match="group fit must be one of block-start, current"):
+        gptq_quantize(weight, hessian, bits=4, group_fit="stale")
 
 
 # --- Batched over experts
