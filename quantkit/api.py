@@ -51,6 +51,7 @@ from quantkit.schemes import (
 )
 from quantkit.schemes.activations import static_input_scale
 from quantkit.schemes.base import storage_dtype
+from quantkit.schemes.rows import quantize_rows, relative_error
 from quantkit.schemes.ternary import post_training_warning
 
 __all__ = ["CalibrationSettings", "QuantizeOptions", "calibrate", "expert_coverage", "inspect", "quantize"]
@@ -206,7 +207,7 @@ def _write_file(fmt: FileFormat, plan: QuantPlan, calib: Calibration | None, out
     def quantize(item: TensorPlan, weight: torch.Tensor) -> Quantized:
         importance, tokens[item.name] = _importance(item, calib, plan)
         assert item.scheme is not None
-        return SCHEMES.get(item.scheme.method).quantize(weight, item.scheme, importance)
+        return quantize_rows(SCHEMES.get(item.scheme.method), weight, item.scheme, importance)
 
     def stored() -> Iterator[StoredTensor]:
         for tensor in track(layout.tensors, "quantizing", options.show_progress, options.console):
@@ -351,7 +352,7 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fm
                             str(weight.dtype).removeprefix("torch."), weight.element_size() * 8.0,
                             bytes_before, bytes_before, None)
     if quantized is None:
-        quantized = SCHEMES.get(scheme.method).quantize(weight, scheme, importance)
+        quantized = quantize_rows(SCHEMES.get(scheme.method), weight, scheme, importance)
     tensors = fmt.tensors(item.module, item.name, quantized)
     for name, tensor in tensors.items():
         writer.add(name, tensor)
@@ -368,7 +369,7 @@ def _write_tensor(item: TensorPlan, weight: torch.Tensor, writer: TensorSink, fm
         bits_per_weight=quantized.bits_per_weight,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
-        rel_error=relative_error(weight, quantized.dequantize()),
+        rel_error=relative_error(weight, quantized),
         partial_group=scheme.partial_group(item.shape[-1]) if isinstance(scheme, IntConfig) else None,
     )
 
@@ -378,11 +379,3 @@ def _code_bits(quantized: Quantized) -> int | None:
     if isinstance(quantized, BlockQuantized):
         return BLOCK_FORMATS.get(quantized.ggml_type).code_bits
     return None
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||W - Q|| / ||W||`` in float64 (0 for an all-zero weight reproduced exactly)."""
-    w = weight.to(torch.float64)
-    norm = torch.linalg.vector_norm(w)
-    diff = torch.linalg.vector_norm(w - approx.to(torch.float64))
-    return float(diff / norm) if norm > 0 else float(diff)

@@ -19,6 +19,7 @@ import torch
 
 _WORD = 32
 _MASK32 = (1 << 32) - 1
+_BLOCK_CODES = 1 << 20  # codes packed at once: about 40 MB of int64 temporaries
 
 
 def _bit_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,12 +29,22 @@ def _bit_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Pack int8 signed ``codes`` (2-D) of ``bits`` bits into int32 along ``dim``."""
+    """Pack int8 signed ``codes`` (2-D) of ``bits`` bits into int32 along ``dim``.
+
+    Lines (rows for ``dim=1``) are packed independently, a block of lines at a time, so the int64
+    temporaries (about 40 bytes per code) stay within about ``_BLOCK_CODES`` codes.
+    """
     if codes.dtype != torch.int8 or codes.ndim != 2:
         raise ValueError("pack_int32 takes a 2-D int8 tensor")
+    lines = codes.T if dim == 0 else codes
+    step = max(1, _BLOCK_CODES // max(lines.shape[1], 1))
+    packed = torch.cat([_pack_lines(lines[start : start + step], bits) for start in range(0, lines.shape[0], step)])
+    return (packed.T if dim == 0 else packed).contiguous()
+
+
+def _pack_lines(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes`` (lines, cols) packed along the last dimension into int32 words."""
     values = codes.to(torch.int64) + (1 << (bits - 1))  # unsigned, (rows, cols)
-    if dim == 0:
-        values = values.T
     rows, cols = values.shape
     chunks = math.ceil(cols / _WORD)
     values = torch.nn.functional.pad(values, (0, chunks * _WORD - cols)).reshape(rows, chunks, _WORD)
@@ -42,8 +53,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     words.scatter_add_(2, word.expand(rows, chunks, _WORD), (values << offset) & _MASK32)
     words.scatter_add_(2, (word + 1).expand(rows, chunks, _WORD), values >> (_WORD - offset))
     packed = words[:, :, :bits].reshape(rows, chunks * bits)[:, : math.ceil(cols * bits / _WORD)]
-    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
-    return (packed.T if dim == 0 else packed).contiguous()
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:

@@ -41,3 +41,15 @@ def test_known_layout_for_4_bits() -> None:
     codes = torch.arange(-8, 8, dtype=torch.int8).repeat(2).reshape(1, 32)
     high_word = 0xFEDCBA98 - 2**32  # int32 view of 0xFEDCBA98
     assert pack_int32(codes, 4).tolist() == [[0x76543210, high_word, 0x76543210, high_word]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_packing_by_blocks_of_lines_is_exact(bits: int, dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large weights are packed a block of lines at a time (bounded int64 temporaries): the same words."""
+    import quantkit.formats.packing as packing
+
+    codes = random_codes(bits, (37, 75), seed=bits)
+    whole = pack_int32(codes, bits, dim)
+    monkeypatch.setattr(packing, "_BLOCK_CODES", 100)  # one or two lines per block
+    assert torch.equal(pack_int32(codes, bits, dim), whole)
