@@ -83,6 +83,16 @@ def fused_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_moe(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Decoder layers -> a synthetic Qwen3-MoE checkpoint at half width (32 experts, 110 MB per layer, bf16);
+    with stories260K's tokenizer where ../shared has it."""
+    from tests.synthetic_checkpoint import build
+
+    root = tmp_path_factory.mktemp("small_moe")
+    return {n: build(root / f"layers{n}", "small-moe", layers=n) for n in (1, 3)}
+
+
+@pytest.fixture(scope="session")
 def stories_model() -> Path:
     if not (STORIES / "config.json").is_file():
         pytest.skip("../shared/models/stories260K is absent (a user's clone has no ../shared)")

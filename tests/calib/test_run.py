@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,15 @@ def test_calibrate_cli_errors(tiny_lm: Path, test_text: Path, tmp_path: Path, ex
                                  "--num-samples", "2", *extra, "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "c").exists()
+
+
+def test_a_tensor_of_another_shape_is_one_line_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Loading a layer copies each tensor into its parameter: a shape the config does not imply is refused."""
+    path = shutil.copytree(tiny_models["qwen3_moe"], tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config["moe_intermediate_size"] *= 2
+    (path / "config.json").write_text(json.dumps(config))
+    pipeline = LayerPipeline(Checkpoint.open(path))
+    with pytest.raises(QuantkitError, match=r"experts\.0\.gate_proj\.weight .* has shape \[32, 64\]; the config "
+                                            r"implies \[64, 64\]"):
+        pipeline.load_layer(0)
