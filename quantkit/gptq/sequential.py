@@ -11,7 +11,9 @@ For each layer (:class:`~quantkit.pipeline.LayerPipeline`)::
         write the dequantized Q back into the layer
     inputs of layer i+1 = layer i's outputs with every weight quantized
 
-Each site's Hessian is the one a pass per site in execution order would give, bit for bit. Without
+Each pass stops once its stage's sites have their inputs and replays the outputs of submodules that are
+already final (:mod:`quantkit.gptq.replay`). Each site's Hessian is the one a pass per site in
+execution order would give, bit for bit. Without
 ``true_sequential`` all sites form one stage: one pass over the layer's float weights, and the
 dequantized weights are written back only when every site of the layer is solved.
 
