@@ -12,9 +12,9 @@ and everything before them may already be fixed. Two savings, both exact:
   so neither do its outputs. The first pass that runs a final submodule whole records its output per
   batch (a copy); later passes return the copy instead of running it. Same ops on the same inputs give
   the same bits, so the output does not depend on it. Only the outermost final submodules holding a
-  GPTQ site are recorded, at most :data:`CACHE_FRACTION` of the available memory; a submodule called
-  more than once per batch, one that changes its inputs in place, or one whose output is not tensors
-  is always run.
+  GPTQ site are recorded, at most :data:`CACHE_FRACTION` of the available memory (unbounded where that
+  is unknown); a submodule called more than once per batch, one that changes its inputs in place, or
+  one whose output is not tensors is always run.
 
 Assumes, as the stages do, that every batch reaches the sites in the first batch's order.
 """
