@@ -34,10 +34,10 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "calibration text: read, tokenize, draw windows": [("quantkit/calib/run.py", "windows_for")],
     "embeddings (capture the first layer's inputs)": [("quantkit/pipeline.py", "capture")],
     "load decoder layers": [("quantkit/pipeline.py", "load_layer")],
-    "forward passes that feed Hessians": [("quantkit/gptq/sequential.py", "_hessian")],
+    "forward passes that feed Hessians": [("quantkit/gptq/sequential.py", "hessians")],
     "  of which Hessian accumulation (x^T x)": [("quantkit/gptq/hessian.py", "add")],
-    "forward passes: site order + quantized layer outputs": [("quantkit/gptq/sequential.py", "_site_order"),
-                                                             ("quantkit/gptq/sequential.py", "_quantized_outputs")],
+    "forward passes: site order and stage probe (first batch) + quantized layer outputs": [
+        ("quantkit/gptq/sequential.py", "_first_batch"), ("quantkit/gptq/sequential.py", "_quantized_outputs")],
     "GPTQ solves": [("quantkit/gptq/sequential.py", "solve_linears")],
     "encode and write tensors": [("quantkit/api.py", "_write_tensor"), ("quantkit/formats/sharded.py", "finish")],
     "report (JSON and summary table)": [("quantkit/report/report.py", "write"),

@@ -42,7 +42,7 @@ def test_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meminfo: str
 
 
 def test_gptq_budget_defaults_to_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantkit.gptq.sequential import experts_per_chunk
+    from quantkit.gptq.budget import experts_per_chunk
 
     per_expert = 16 * 32 * 32 + 16 * 64 * 32
     monkeypatch.setattr(heap, "available", lambda: 10 * per_expert)

@@ -11,7 +11,9 @@ For each layer (:class:`~quantkit.pipeline.LayerPipeline`)::
         write the dequantized Q back into the layer
     inputs of layer i+1 = layer i's outputs with every weight quantized
 
-Each site's Hessian is the one a pass per site in execution order would give, bit for bit. Without
+Each pass stops once its stage's sites have their inputs and replays the outputs of submodules that are
+already final (:mod:`quantkit.gptq.replay`). Each site's Hessian is the one a pass per site in
+execution order would give, bit for bit. Without
 ``true_sequential`` all sites form one stage: one pass over the layer's float weights, and the
 dequantized weights are written back only when every site of the layer is solved.
 
@@ -29,6 +31,7 @@ other chunk has a pass of its own. The output does not depend on the chunking.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -38,10 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit import heap
 from quantkit.calib.observers import LayerTaps
 from quantkit.errors import QuantkitError
+from quantkit.gptq.budget import auto_budget, experts_per_chunk
 from quantkit.gptq.hessian import HessianAccumulator
+from quantkit.gptq.replay import Replay, Spans
 from quantkit.gptq.stages import InputDigests, StageCache, StagePasses
 from quantkit.model.experts import is_fused_experts
 from quantkit.pipeline import LayerPipeline, LayerStates
@@ -84,6 +88,7 @@ def gptq_layers(
     max_memory: int | None = None,
     true_sequential: bool = True,
     merge_passes: bool = True,
+    shortcuts: bool = True,
     on_step: Callable[[str], None] | None = None,
 ) -> Iterator[LayerResult]:
     """Quantize every weight named (on disk) in ``schemes`` with GPTQ, layer by layer; yields per layer.
@@ -92,7 +97,8 @@ def gptq_layers(
     (:func:`experts_per_chunk`); ``on_step``
     hears what is being solved (a site, or a chunk of experts), for progress display. Without
     ``true_sequential`` a layer's Hessians all come from one pass over its float weights;
-    ``merge_passes=False`` gives each site a pass of its own (the same results, more passes).
+    ``merge_passes=False`` gives each site a pass of its own (the same results, more passes);
+    ``shortcuts=False`` runs every pass over the whole layer (:mod:`quantkit.gptq.replay`; the same results).
     """
     solver = _Solver(pipeline, schemes, all_experts, min_expert_tokens, scale_dtype, max_memory, on_step)
     solver.deferred = None if true_sequential else []
@@ -102,8 +108,10 @@ def gptq_layers(
         layer = pipeline.load_layer(index)
         prefix = pipeline.layer_prefix(index)
         aliases: dict[str, str] = {}
-        order = _first_batch(pipeline, layer, prefix, states, aliases, hashing=False).order
+        spans = Spans([])
+        order = _first_batch(pipeline, layer, prefix, states, aliases, hashing=False, spans=spans).order
         sites = {s.name: s for s in (solver.site(layer, prefix, name, aliases) for name in order) if s is not None}
+        solver.replay = Replay(layer, prefix, spans, {n: s.members() for n, s in sites.items()}, shortcuts)
         if not true_sequential:
             stages = [list(sites)] if sites else []
         elif not merge_passes:
@@ -116,8 +124,10 @@ def gptq_layers(
         solved: dict[str, list[GptqWeight]] = {}
         for stage in stages:
             solved.update(solver.solve_stage(layer, prefix, [sites[name] for name in stage], states))
+            if solver.deferred is None:  # written into the layer
+                solver.replay.finalize(stage)
         solver.write_deferred()
-        states.hidden = _quantized_outputs(pipeline, layer, prefix, states).hidden
+        states.hidden = _quantized_outputs(pipeline, layer, prefix, states, solver.replay).hidden
         pipeline.release(layer)
         weights = [w for name in sites for w in solved.pop(name)]  # the only reference: the writer frees them
         yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages)
@@ -134,48 +144,25 @@ def gptq_layers(
         yield LayerResult(pipeline.num_layers, weights, time.perf_counter() - started)
 
 
-BYTES_PER_HESSIAN_ELEMENT = 4 * 4  # float32 H, plus its damped copy, Cholesky factor and inverse
-BYTES_PER_WEIGHT_ELEMENT = 4 * 4  # float32 W, its working copy, Q and the error block
-AUTO_BUDGET_FRACTION = 0.5  # of the memory available when a stage's experts are solved
-
-
-def experts_per_chunk(rows: int, columns: int, max_memory: int | None) -> int:
-    """Experts GPTQ solves at once: ``max_memory // (16 * columns^2 + 16 * rows * columns)`` (at least 1).
-
-    Per expert: float32 Hessian ``[columns, columns]`` with its dampened copy, Cholesky factor and
-    inverse (16 bytes per element), and the float32 weight ``[rows, columns]`` with its working copy,
-    dequantized result and error block (16 bytes per element). No budget (None): :func:`auto_budget`,
-    or all experts at once where the available memory is unknown. The output does not depend on it.
-    """
-    if max_memory is None:
-        max_memory = auto_budget()
-        if max_memory is None:
-            return 1 << 30
-    per_expert = BYTES_PER_HESSIAN_ELEMENT * columns * columns + BYTES_PER_WEIGHT_ELEMENT * rows * columns
-    return max(1, max_memory // per_expert)
-
-
-def auto_budget() -> int | None:
-    """GPTQ's default ``max_memory``: half the memory available now (None where unknown)."""
-    available = heap.available()
-    return None if available is None else int(available * AUTO_BUDGET_FRACTION)
-
-
 def _first_batch(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
-                 aliases: dict[str, str], hashing: bool = True) -> InputDigests:
-    """The layer's input sites in the order the forward pass reaches them, and what each received (first batch)."""
+                 aliases: dict[str, str], hashing: bool = True, spans: Spans | None = None) -> InputDigests:
+    """The layer's input sites in the order the forward pass reaches them, and what each received (first batch);
+    ``spans`` hears where each submodule returns in that order."""
     digests = InputDigests(hashing)
     taps = LayerTaps(digests, pipeline.arch, aliases)
-    with taps.attach(prefix, layer):
+    if spans is not None:
+        spans.order = digests.order
+    with taps.attach(prefix, layer), spans.attach(layer) if spans is not None else contextlib.nullcontext():
         pipeline.run_layer(layer, LayerStates(states.hidden[:1], states.kwargs), on_batch=taps.next_batch)
     return digests
 
 
-def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates) -> LayerStates:
+def _quantized_outputs(pipeline: LayerPipeline, layer: nn.Module, prefix: str, states: LayerStates,
+                       replay: Replay) -> LayerStates:
     """The layer's outputs with its quantized weights (experts through the same eager loop as the taps)."""
     taps = LayerTaps(lambda *_: None, pipeline.arch, {}, only=set())
     with taps.attach(prefix, layer):
-        return pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+        return replay.run(states, taps.next_batch)
 
 
 @dataclass
@@ -187,6 +174,10 @@ class _Site:
     experts: Any = None  # the fused experts module
     param: str = ""  # its gate_up_proj or down_proj
     names: list[str] = field(default_factory=list)  # the experts' on-disk weights, expert-major
+
+    def members(self) -> list[str]:
+        """The in-memory names of what it quantizes: its linears, or its experts parameter."""
+        return [m for m, _ in self.linears] or [self.name]
 
     def tensors(self) -> list[torch.Tensor]:
         """The weights GPTQ replaces."""
@@ -206,6 +197,7 @@ class _Solver:
         self.passes = 0  # Hessian passes over every calibration batch so far
         self.deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # writes held back (not true-sequential)
         self.pooled: dict[str, HessianAccumulator] = {}  # per experts site of the layer: every expert's inputs
+        self.replay: Replay  # the passes over the current layer
 
     def site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str]) -> _Site | None:
         """What GPTQ solves at ``site``; None when it feeds no weight GPTQ quantizes."""
@@ -357,7 +349,7 @@ class _Solver:
 
         taps = LayerTaps(add, self.arch, {}, all_experts=self.all_experts, only=set(requests))
         with taps.attach(prefix, layer):
-            self.pipeline.run_layer(layer, states, on_batch=taps.next_batch)
+            self.replay.run(states, taps.next_batch, stage=list(requests))
         self.passes += 1
         for site in requests:
             if site not in accumulators:

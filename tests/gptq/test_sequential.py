@@ -122,7 +122,7 @@ def test_gptq_v1_refuses_other_methods(tiny_models: dict[str, Path], tmp_path: P
 
 def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: Path, test_text: Path,
                                                                        tmp_path: Path) -> None:
-    from quantkit.gptq.sequential import experts_per_chunk
+    from quantkit.gptq.budget import experts_per_chunk
 
     assert experts_per_chunk(64, 32, None) > 64 and experts_per_chunk(64, 32, 1) == 1
     assert experts_per_chunk(64, 32, 3 * (16 * 32 * 32 + 16 * 64 * 32)) == 3
