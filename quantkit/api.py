@@ -163,7 +163,9 @@ def _write_directory(fmt: DirectoryFormat, plan: QuantPlan, calib: Calibration |
             layers = _gptq_layers(checkpoint, hessian_items, gptq_data, fmt.scale_dtype, options)
             for layer in layers:
                 report.gptq_layers.append({"layer": layer.index, "seconds": round(layer.seconds, 3),
-                                           "weights": len(layer.weights)})
+                                           "weights": len(layer.weights),
+                                           **({"experts_per_chunk": layer.experts_per_chunk}
+                                              if layer.experts_per_chunk else {})})
                 write_gptq(layer.weights)
                 layer.weights.clear()  # its originals and codes go now, not after the next layer is solved
             report.gptq = {"samples": gptq_data.num_samples, "seq_len": gptq_data.seq_len, "seed": gptq_data.seed,

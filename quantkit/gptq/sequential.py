@@ -75,6 +75,7 @@ class LayerResult:
     seconds: float
     passes: int = 1  # passes over every calibration batch: Hessians, then the quantized outputs
     stages: list[list[str]] = field(default_factory=list)  # sites whose Hessians shared a pass
+    experts_per_chunk: dict[str, int] = field(default_factory=dict)  # per experts site: solved at once
 
 
 def gptq_layers(
@@ -130,7 +131,8 @@ def gptq_layers(
         states.hidden = _quantized_outputs(pipeline, layer, prefix, states, solver.replay).hidden
         pipeline.release(layer)
         weights = [w for name in sites for w in solved.pop(name)]  # the only reference: the writer frees them
-        yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages)
+        chunks, solver.chunks = solver.chunks, {}
+        yield LayerResult(index, weights, time.perf_counter() - started, solver.passes - passes + 1, stages, chunks)
     head = pipeline.output_head_name()
     if head is not None and pipeline.arch.disk_name(f"{head}.weight") in schemes:
         started = time.perf_counter()
@@ -197,6 +199,7 @@ class _Solver:
         self.passes = 0  # Hessian passes over every calibration batch so far
         self.deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # writes held back (not true-sequential)
         self.pooled: dict[str, HessianAccumulator] = {}  # per experts site of the layer: every expert's inputs
+        self.chunks: dict[str, int] = {}  # per experts site of the layer: experts solved at once
         self.replay: Replay  # the passes over the current layer
 
     def site(self, layer: nn.Module, prefix: str, site: str, aliases: dict[str, str]) -> _Site | None:
@@ -279,6 +282,7 @@ class _Solver:
         fused = getattr(module, param)
         experts, rows_total, columns = (int(d) for d in fused.shape)
         chunk = hessians.experts_per_chunk(rows_total, columns)
+        self.chunks[site] = min(chunk, experts)
         per_name = len(names) // experts  # 2 (gate, up) or 1 (down)
         rows = rows_total // per_name
         out = []

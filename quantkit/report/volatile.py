@@ -19,6 +19,8 @@ REPORT_VOLATILE: dict[str, str] = {
     "wall_time_s": "the run's time",
     "peak_rss_mb": "the process's peak memory, which depends on what it did before (other runs in one process)",
     "seconds": "the time of each GPTQ layer",
+    "experts_per_chunk": "the routed experts GPTQ solved at once, per site: by default from the memory available "
+                         "then (the output does not depend on it)",
     "path": "the path of the --calibration directory",
     "notes": "besides notes on the weights, what the output guard found at the target (a stale lock taken "
              "over, a killed run's leftovers removed or restored): the history of the target, not the inputs",

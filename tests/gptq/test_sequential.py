@@ -135,6 +135,11 @@ def test_memory_budget_solves_experts_in_chunks_with_identical_results(tiny_lm: 
     assert [t.gptq for t in whole.tensors] == [t.gptq for t in chunked.tensors]
     a, b = load_quantized(tmp_path / "whole").state_dict(), load_quantized(tmp_path / "chunked").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    experts = build_model("qwen2_moe", seed=5).config.num_experts
+    for layer in chunked.gptq_layers:  # the report says how the experts were split
+        assert layer["experts_per_chunk"] and set(layer["experts_per_chunk"].values()) == {1}
+    for layer in whole.gptq_layers:
+        assert set(layer["experts_per_chunk"].values()) == {experts}
 
 
 def test_starved_experts_do_not_depend_on_the_chunking(tiny_lm: Path, test_text: Path, tmp_path: Path) -> None:
