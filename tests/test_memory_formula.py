@@ -8,10 +8,11 @@ bytes, with the terms read off the code:
   time (``n`` elements of the largest), converted to float32 and quantized; the output goes to a spill
   file and is written from a mapping (file pages, not anonymous). No Hessians, no activations.
 - ``calibrate``: ``FIXED_LAYERS + STATS + max(4*P + A, PLOTS)``: one decoder layer in float32 (``P``
-  parameters of the largest layer) and ``A = 8*N*T*H + BATCH*B*T*H + 8*B*heads*T^2``: the activations
+  parameters of the largest layer) and ``A = 8*N*T*H + BATCH*B*T*W + 8*B*heads*T^2``: the activations
   ``[N, T, H]`` in float32 as the layer's input and output, one batch's temporaries (the layer's and the
-  observers') and its attention scores; plus the statistics of every site so far. The plots come after
-  the last layer is released.
+  observers', as wide as ``W``, the widest linear of a layer: H for the small-moe shape, q_proj's 4096
+  outputs for Qwen3-30B-A3B, kv_b_proj's 32768 for DeepSeek-V3's MLA) and its attention scores; plus
+  the statistics of every site so far. The plots come after the last layer is released.
 - ``gptq``: ``FIXED_LAYERS + 4*P + (b+1)*P + A + chunk``: as calibrate, plus the
   layer's original weights (``b`` bytes each, the checkpoint's dtype) and int8 codes kept until the layer
   is written, and the experts' solver state, which ``--max-memory`` bounds (``chunk``).
@@ -72,6 +73,12 @@ def layer_parameters(checkpoint: Checkpoint) -> int:
     return max(per_layer.values())
 
 
+def widest_linear(checkpoint: Checkpoint) -> int:
+    """``W``: the largest input or output width of a decoder layer's linear weights (routers included)."""
+    return max(max(info.shape[-2:]) for name, info in checkpoint.tensors.items()
+               if ".layers." in name and len(info.shape) >= 2)
+
+
 def bound(method: str, model: Path, samples: int = SAMPLES, seq_len: int = SEQ_LEN,
           max_memory: int = MAX_MEMORY) -> tuple[int, int]:
     """(the formula's bound on peak anonymous RSS, its part that is not fixed overhead) in bytes."""
@@ -84,7 +91,7 @@ def bound(method: str, model: Path, samples: int = SAMPLES, seq_len: int = SEQ_L
     params = layer_parameters(checkpoint)
     b = next(iter(checkpoint.tensors.values())).dtype.itemsize
     hidden, experts = config["hidden_size"], get_arch(checkpoint.model_type).num_experts(config)
-    activations = 8 * samples * seq_len * hidden + BATCH * BATCH_SIZE * seq_len * hidden
+    activations = 8 * samples * seq_len * hidden + BATCH * BATCH_SIZE * seq_len * widest_linear(checkpoint)
     activations += 8 * BATCH_SIZE * config["num_attention_heads"] * seq_len**2  # attention scores and softmax
     if method == "calibrate":
         layers = config["num_hidden_layers"]
