@@ -33,11 +33,12 @@ def quantize_rows(scheme: Scheme[Any], weight: torch.Tensor, config: SchemeConfi
                 and not scheme.needs_hessian and weight.ndim == 2)
     if not row_wise or weight.numel() <= elements:
         return scheme.quantize(weight, config, importance)
-    blocks = row_blocks(weight.shape[0], weight.shape[1], elements)
-    parts = [scheme.quantize(weight[rows], config, importance) for rows in blocks]
-    if not all(isinstance(part, IntQuantized) and part.g_idx is None for part in parts):
-        return scheme.quantize(weight, config, importance)
-    ints = [part for part in parts if isinstance(part, IntQuantized)]
+    ints: list[IntQuantized] = []
+    for rows in row_blocks(weight.shape[0], weight.shape[1], elements):
+        part = scheme.quantize(weight[rows], config, importance)
+        if not isinstance(part, IntQuantized) or part.g_idx is not None:
+            raise TypeError(f"{config.method}: a row-wise integer scheme must give IntQuantized without g_idx")
+        ints.append(part)
     zeros = [part.zero_point for part in ints if part.zero_point is not None]
     return IntQuantized(codes=torch.cat([part.codes for part in ints]), scale=torch.cat([part.scale for part in ints]),
                         zero_point=torch.cat(zeros) if len(zeros) == len(ints) else None, config=ints[0].config)
