@@ -177,9 +177,11 @@ def gptq_quantize(
     block = block_size if block_start else _block_columns(block_size, None if static else group_size)
     for i1 in range(0, columns, block):  # ref: for i1 in range(0, self.columns, blocksize)
         i2 = min(i1 + block, columns)
-        # the reference's W: the block's columns (and a group reaching past it) as they were at the block's start
-        started = Wt[:, i1 : i2 + group].clone() if block_start else Wt
-        offset = i1 if block_start else 0
+        # the reference's W for a group starting inside the block: the block's columns (and a group reaching past
+        # it) as they were at the block's start; at the block's start itself the current weights are those
+        inner = block_start and (i1 // group + 1) * group < i2
+        started = Wt[:, i1 : i2 + group].clone() if inner else Wt
+        offset = i1 if inner else 0
         W1 = Wt[:, i1:i2]  # a view (ref: W[:, i1:i2].clone()), so Wt holds the current weights of the block
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
