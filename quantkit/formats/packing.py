@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from quantkit.schemes.rows import row_blocks
+
 _WORD = 32
 _MASK32 = (1 << 32) - 1
 _BLOCK_CODES = 1 << 20  # codes packed at once: about 40 MB of int64 temporaries
@@ -37,8 +39,8 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if codes.dtype != torch.int8 or codes.ndim != 2:
         raise ValueError("pack_int32 takes a 2-D int8 tensor")
     lines = codes.T if dim == 0 else codes
-    step = max(1, _BLOCK_CODES // max(lines.shape[1], 1))
-    packed = torch.cat([_pack_lines(lines[start : start + step], bits) for start in range(0, lines.shape[0], step)])
+    blocks = row_blocks(lines.shape[0], lines.shape[1], _BLOCK_CODES)
+    packed = torch.cat([_pack_lines(lines[rows], bits) for rows in blocks])
     return (packed.T if dim == 0 else packed).contiguous()
 
 
